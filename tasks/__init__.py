@@ -1,0 +1,5 @@
+"""Built-in tasks; importing this package registers them."""
+
+from tasks import cifar10, mnist, synthetic
+
+__all__ = ["cifar10", "mnist", "synthetic"]

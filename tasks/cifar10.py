@@ -1,0 +1,44 @@
+"""CIFAR-10 with a small CNN, on TFDS `cifar10`."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from tasks import tfds_data
+from tasks.mnist import Mnist
+from trainer import register_task
+
+
+def _scale(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    return tf.cast(image, tf.float32) / 255.0, label
+
+
+@register_task("cifar10")
+class Cifar10(Mnist):
+    """Conv(32)-Pool-Conv(64)-Pool-Dense(128)-Dense(10) with sparse cross-entropy.
+
+    Differs from `Mnist` only in its data and model.
+    """
+
+    default_options = {"train_steps": 5000, "batch_size": 128, "eval_every": 1000}
+    dataset_name = "cifar10"
+    download_host = "www.cs.toronto.edu"
+
+    def build_model(self) -> keras.Model:
+        return keras.Sequential(
+            [
+                keras.Input((32, 32, 3)),
+                keras.layers.Conv2D(32, 3, activation="relu", padding="same"),
+                keras.layers.MaxPooling2D(),
+                keras.layers.Conv2D(64, 3, activation="relu", padding="same"),
+                keras.layers.MaxPooling2D(),
+                keras.layers.Flatten(),
+                keras.layers.Dense(128, activation="relu"),
+                keras.layers.Dense(10),
+            ]
+        )
+
+    def _load(self, split: str) -> tf.data.Dataset:
+        ds = tfds_data.load(self.dataset_name, split, self.options.data_dir, self.download_host)
+        return ds.map(_scale, num_parallel_calls=tf.data.AUTOTUNE).cache()

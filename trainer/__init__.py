@@ -1,0 +1,32 @@
+"""tapeloop: custom TensorFlow 2 training loops with regularization done right."""
+
+from trainer.errors import ConfigError
+from trainer.penalties import L2, DecoupledWeightDecay, Penalty, SelectiveL2, StepContext
+from trainer.registry import (
+    get_penalty,
+    get_task,
+    parse_penalty_spec,
+    penalty_names,
+    register_penalty,
+    register_task,
+    task_names,
+)
+from trainer.trainer import Trainer, TrainerOptions
+
+__all__ = [
+    "ConfigError",
+    "DecoupledWeightDecay",
+    "L2",
+    "Penalty",
+    "SelectiveL2",
+    "StepContext",
+    "Trainer",
+    "TrainerOptions",
+    "get_penalty",
+    "get_task",
+    "parse_penalty_spec",
+    "penalty_names",
+    "register_penalty",
+    "register_task",
+    "task_names",
+]

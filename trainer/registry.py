@@ -1,0 +1,180 @@
+"""Name -> class registries for tasks and penalties, penalty spec parsing, plugin discovery."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.metadata
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from trainer.errors import ConfigError
+
+TASK_ENTRY_POINTS = "trainer.tasks"
+PENALTY_ENTRY_POINTS = "trainer.penalties"
+
+_TASKS: dict[str, type] = {}
+_PENALTIES: dict[str, type] = {}
+
+
+def _register(table: dict[str, type], kind: str, name: str) -> Callable[[type], type]:
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"A {kind} name must be a Python identifier, got {name!r}.")
+
+    def decorator(cls: type) -> type:
+        existing = table.get(name)
+        if existing is not None and existing.__qualname__ != cls.__qualname__:
+            raise ValueError(
+                f"{kind} name {name!r} is already registered to "
+                f"{existing.__module__}.{existing.__qualname__}."
+            )
+        table[name] = cls
+        cls.registered_name = name
+        return cls
+
+    return decorator
+
+
+def register_task(name: str) -> Callable[[type], type]:
+    """Class decorator: registers a `Trainer` subclass as the task `name`.
+
+    Args:
+      name: the name used by `--task=NAME`; a Python identifier.
+
+    Returns:
+      A decorator that returns the class unchanged.
+    """
+    return _register(_TASKS, "task", name)
+
+
+def register_penalty(name: str) -> Callable[[type], type]:
+    """Class decorator: registers a `Penalty` subclass under `name` for `--penalty` specs.
+
+    Args:
+      name: the call name used in specs, e.g. `"l1"` for `--penalty="l1(1e-5)"`.
+
+    Returns:
+      A decorator that returns the class unchanged.
+    """
+    return _register(_PENALTIES, "penalty", name)
+
+
+def load_plugins(group: str) -> None:
+    """Imports every entry point of `group`; importing registers what it defines.
+
+    An entry point may name a module (imported for its decorators) or a class, which is
+    registered under the entry point's name if its module did not register it.
+    """
+    table = _TASKS if group == TASK_ENTRY_POINTS else _PENALTIES
+    for entry_point in importlib.metadata.entry_points(group=group):
+        loaded = entry_point.load()
+        if inspect.isclass(loaded) and loaded not in table.values():
+            table[entry_point.name] = loaded
+            loaded.registered_name = entry_point.name
+
+
+def import_modules(names: Iterable[str]) -> None:
+    """Imports user modules (`--import=my_module`) so their decorators register them.
+
+    Raises:
+      ConfigError: a module cannot be found.
+    """
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            raise ConfigError(f"--import={name!r}: no such module ({e.name!r} not found).") from e
+
+
+def task_names() -> list[str]:
+    return sorted(_TASKS)
+
+
+def penalty_names() -> list[str]:
+    return sorted(_PENALTIES)
+
+
+def get_task(name: str) -> type:
+    """Returns the task class registered as `name`.
+
+    Raises:
+      ConfigError: no task has that name; the message lists the registered ones.
+    """
+    if name not in _TASKS:
+        raise ConfigError(f"Unknown task {name!r}; registered tasks: {', '.join(task_names())}.")
+    return _TASKS[name]
+
+
+def get_penalty(name: str) -> type:
+    """Returns the penalty class registered as `name`.
+
+    Raises:
+      ConfigError: no penalty has that name; the message lists the registered ones.
+    """
+    if name not in _PENALTIES:
+        raise ConfigError(
+            f"Unknown penalty {name!r}; registered penalties: {', '.join(penalty_names())}."
+        )
+    return _PENALTIES[name]
+
+
+def _literal(spec: str, node: ast.AST) -> Any:
+    try:
+        return ast.literal_eval(node)
+    except ValueError as e:
+        raise ConfigError(
+            f"Penalty spec {spec!r}: argument {ast.unparse(node)!r} is not a literal "
+            "(numbers, strings, booleans, None, lists and tuples only)."
+        ) from e
+
+
+def parse_penalty_spec(spec: str) -> Any:
+    """Builds a penalty from a spec in Python-call syntax, without `eval`.
+
+    `"selective_l2(1e-4, exclude='bias')"` calls the class registered as `selective_l2`
+    with those literal arguments; a bare name (`"l2"`) calls it with none.
+
+    Args:
+      spec: the spec string.
+
+    Returns:
+      The constructed `Penalty`.
+
+    Raises:
+      ConfigError: the spec is malformed, names an unknown penalty, passes an argument
+        the class does not take, or a value the class rejects.
+    """
+    try:
+        node = ast.parse(spec.strip(), mode="eval").body
+    except SyntaxError as e:
+        raise ConfigError(
+            f'Malformed penalty spec {spec!r}: expected a call like "l2(1e-4)" ({e.msg}).'
+        ) from e
+    if isinstance(node, ast.Name):
+        node = ast.Call(func=node, args=[], keywords=[])
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+        raise ConfigError(f'Malformed penalty spec {spec!r}: expected a call like "l2(1e-4)".')
+    cls = get_penalty(node.func.id)
+    if any(kw.arg is None for kw in node.keywords) or any(
+        isinstance(arg, ast.Starred) for arg in node.args
+    ):
+        raise ConfigError(f"Penalty spec {spec!r}: * and ** arguments are not allowed.")
+    args = [_literal(spec, arg) for arg in node.args]
+    kwargs = {kw.arg: _literal(spec, kw.value) for kw in node.keywords}
+    signature = inspect.signature(cls)
+    signature = signature.replace(
+        parameters=[
+            p.replace(annotation=inspect.Parameter.empty) for p in signature.parameters.values()
+        ]
+    )
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as e:
+        raise ConfigError(
+            f"Penalty spec {spec!r}: {e}; {node.func.id} takes {node.func.id}{signature}."
+        ) from e
+    try:
+        return cls(*args, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"Penalty spec {spec!r}: {e}") from e

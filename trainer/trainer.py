@@ -1,0 +1,364 @@
+"""Trainer: a tf.function GradientTape train step with penalties, a multi-step loop, evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from trainer.errors import ConfigError
+from trainer.penalties import Penalty, StepContext, variable_path
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad", "nadam")
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"`{name}` ({value!r}) must be a positive integer.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerOptions:
+    """How to train: the optimizer, batch, step counts and where to write.
+
+    Attributes:
+      optimizer: one of `OPTIMIZERS`; used by the default `Trainer.build_optimizer`.
+      learning_rate: the optimizer's learning rate, positive.
+      batch_size: examples per training step (the global batch), positive.
+      train_steps: total optimizer steps, positive.
+      steps_per_loop: steps run inside one `tf.function` call, between progress lines;
+        positive. Larger is faster; results do not depend on it.
+      eval_every: evaluate every this many steps (rounded up to a loop boundary); 0
+        evaluates only at the end.
+      model_dir: directory for `results.json` (and later checkpoints); None writes nothing.
+      data_dir: where TFDS tasks look for prepared data; None for TFDS' default.
+      seed: seeds Python, NumPy, TensorFlow and Keras for initialisation and shuffling.
+      use_tf_function: False runs the very same step eagerly, for debugging.
+    """
+
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    batch_size: int = 128
+    train_steps: int = 1000
+    steps_per_loop: int = 100
+    eval_every: int = 0
+    model_dir: str | None = None
+    data_dir: str | None = None
+    seed: int = 0
+    use_tf_function: bool = True
+
+    def __post_init__(self):
+        for name in ("batch_size", "train_steps", "steps_per_loop"):
+            _positive(name, getattr(self, name))
+        if (
+            isinstance(self.eval_every, bool)
+            or not isinstance(self.eval_every, int)
+            or (self.eval_every < 0)
+        ):
+            raise ConfigError(f"`eval_every` ({self.eval_every!r}) must be an integer >= 0.")
+        lr = self.learning_rate
+        if (
+            isinstance(lr, bool)
+            or not isinstance(lr, (int, float))
+            or not (math.isfinite(lr) and lr > 0)
+        ):
+            raise ConfigError(f"`learning_rate` ({lr!r}) must be a positive number.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                f"`optimizer` ({self.optimizer!r}) must be one of {', '.join(OPTIMIZERS)}."
+            )
+
+
+def make_optimizer(name: str, learning_rate: Any) -> keras.optimizers.Optimizer:
+    """A Keras optimizer by name: one of `OPTIMIZERS` ("momentum" is SGD with momentum 0.9)."""
+    if name == "momentum":
+        return keras.optimizers.SGD(learning_rate, momentum=0.9)
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"`optimizer` ({name!r}) must be one of {', '.join(OPTIMIZERS)}.")
+    return keras.optimizers.get({"class_name": name, "config": {"learning_rate": learning_rate}})
+
+
+class Trainer:
+    """Trains a Keras model with a GradientTape step and pluggable penalties.
+
+    Subclass it for a task: implement `build_model`, `train_dataset` and `compute_loss`;
+    optionally `eval_dataset`, `build_metrics` and `build_optimizer`. Register it with
+    `@register_task("name")` to run it from the CLI.
+
+    One step: the model's outputs, per-example losses from `compute_loss`, their average
+    over the global batch, plus every loss penalty and the model's own Keras regularizer
+    losses (`model.losses`); gradients of that total; then decoupled penalties update their
+    weights directly, and the optimizer applies the gradients. `steps_per_loop` steps run
+    inside one `tf.function` call.
+
+    Args:
+      options: a `TrainerOptions`; the defaults when None.
+      penalties: the penalties to apply.
+    """
+
+    registered_name: str | None = None
+
+    def __init__(self, options: TrainerOptions | None = None, *, penalties: Sequence[Penalty] = ()):
+        self.options = options or TrainerOptions()
+        for p in penalties:
+            if not isinstance(p, Penalty):
+                raise ConfigError(f"`penalties` must hold Penalty objects, got {p!r}.")
+        self.penalties = list(penalties)
+        self._model: keras.Model | None = None
+        self.optimizer: keras.optimizers.Optimizer | None = None
+        self.step = 0
+
+    # ---- hooks for tasks -------------------------------------------------------------
+
+    def build_model(self) -> keras.Model:
+        """Returns the model to train. Required."""
+        raise NotImplementedError(f"{type(self).__name__} must implement build_model().")
+
+    def build_optimizer(self) -> keras.optimizers.Optimizer:
+        """Returns the optimizer; by default `options.optimizer` at `options.learning_rate`."""
+        return make_optimizer(self.options.optimizer, self.options.learning_rate)
+
+    def train_dataset(self) -> tf.data.Dataset:
+        """Returns batches of `(features, labels)` of `options.batch_size`, repeated. Required."""
+        raise NotImplementedError(f"{type(self).__name__} must implement train_dataset().")
+
+    def eval_dataset(self) -> tf.data.Dataset | None:
+        """Returns a finite dataset of `(features, labels)` batches, or None for no evaluation."""
+        return None
+
+    def compute_loss(self, labels: Any, outputs: Any) -> tf.Tensor:
+        """Returns the per-example losses, shape `[batch]`. Required."""
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_loss().")
+
+    def build_metrics(self) -> dict[str, keras.metrics.Metric]:
+        """Returns eval metrics by name, updated with `(labels, outputs)`; none by default."""
+        return {}
+
+    # ---- building ----------------------------------------------------------------------
+
+    @property
+    def model(self) -> keras.Model:
+        """The model, built (with its penalties resolved) on first access."""
+        if self._model is None:
+            self.build()
+        return self._model
+
+    def build(self) -> None:
+        """Seeds, builds the model, optimizer and metrics, and resolves every penalty's variables.
+
+        Raises:
+          ConfigError: a penalty's selection is empty or its regex matches nothing.
+        """
+        if self._model is not None:
+            return
+        keras.utils.set_random_seed(self.options.seed)
+        model = self.build_model()
+        if not model.built or not model.trainable_variables:
+            self._build_from_dataset(model)
+        self._trainable = list(model.trainable_variables)
+        self._selections = [(p, p.select(self._trainable)) for p in self.penalties]
+        self._loss_penalties = [(p, v) for p, v in self._selections if p.has_loss]
+        self._decoupled = [(p, v) for p, v in self._selections if p.has_update]
+        names = [p.name for p in self.penalties]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConfigError(
+                f"Two penalties are named {duplicates[0]!r}; pass name=... to tell them apart."
+            )
+        self.optimizer = self.build_optimizer()
+        self.optimizer.build(self._trainable)
+        self._initial_lr = tf.cast(self._learning_rate_at(0), tf.float32)
+        self.metrics = self.build_metrics()
+        self._model = model
+        self.loss_names = (
+            ["loss", "data_loss"]
+            + [f"penalty/{p.name}" for p, _ in self._loss_penalties]
+            + (["keras_regularizers"] if model.losses else [])
+        )
+        self._loss_sums = tf.Variable(tf.zeros([len(self.loss_names)]), trainable=False)
+        self._loss_count = tf.Variable(0.0, trainable=False)
+        self._train_loop = self._maybe_function(self._train_steps)
+        self._eval_step = self._maybe_function(self._evaluate_batch)
+        logging.info("Penalties:\n%s", self.penalty_table())
+
+    def _build_from_dataset(self, model: keras.Model) -> None:
+        spec = self.train_dataset().element_spec[0]
+        model(tf.nest.map_structure(lambda s: tf.zeros([d or 1 for d in s.shape], s.dtype), spec))
+
+    def _maybe_function(self, fn):
+        return tf.function(fn) if self.options.use_tf_function else fn
+
+    def penalty_table(self) -> str:
+        """One line per (penalty, variable): path, shape and parameter count."""
+        self.model  # noqa: B018 -- resolves the selections
+        rows = [("penalty", "variable", "shape", "params")]
+        for penalty, variables in self._selections:
+            for v in variables:
+                rows.append(
+                    (repr(penalty), variable_path(v), str(tuple(v.shape)), str(math.prod(v.shape)))
+                )
+        if len(rows) == 1:
+            return "(no penalties)"
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+    # ---- the step ----------------------------------------------------------------------
+
+    def _learning_rate_at(self, step: Any) -> tf.Tensor:
+        lr = self.optimizer._learning_rate  # the schedule or the variable
+        if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
+            return lr(step)
+        return tf.convert_to_tensor(lr)
+
+    def compute_losses(self, features: Any, labels: Any, training: bool = True) -> list[tf.Tensor]:
+        """The loss breakdown in `loss_names` order: total, data loss, each penalty term.
+
+        Call it under a `GradientTape`: the total is what gradients are taken of.
+        """
+        outputs = self.model(features, training=training)
+        per_example = tf.cast(self.compute_loss(labels, outputs), tf.float32)
+        if per_example.shape.rank != 1:
+            raise ValueError(
+                f"{type(self).__name__}.compute_loss must return per-example losses of shape "
+                f"[batch], got shape {per_example.shape}."
+            )
+        data_loss = tf.nn.compute_average_loss(per_example)
+        terms = [p.loss(v) for p, v in self._loss_penalties]
+        if self.model.losses:
+            terms.append(tf.add_n([tf.cast(x, tf.float32) for x in self.model.losses]))
+        penalty = tf.add_n(terms) if terms else tf.constant(0.0)
+        total = data_loss + tf.nn.scale_regularization_loss(penalty)
+        return [total, data_loss, *terms]
+
+    def train_step(self, batch: Any) -> list[tf.Tensor]:
+        """One optimizer step on `batch`; returns the loss breakdown."""
+        features, labels = batch
+        with tf.GradientTape() as tape:
+            losses = self.compute_losses(features, labels)
+        gradients = tape.gradient(losses[0], self._trainable)
+        if self._decoupled:
+            lr = tf.cast(self._learning_rate_at(self.optimizer.iterations), tf.float32)
+            context = StepContext(learning_rate=lr, schedule_multiplier=lr / self._initial_lr)
+            for penalty, variables in self._decoupled:
+                penalty.update(variables, context)
+        self.optimizer.apply_gradients(zip(gradients, self._trainable))
+        return losses
+
+    def _train_steps(self, iterator: Any, num_steps: tf.Tensor) -> None:
+        for _ in tf.range(num_steps):
+            losses = self.train_step(next(iterator))
+            self._loss_sums.assign_add(tf.stack(losses))
+            self._loss_count.assign_add(1.0)
+
+    def _evaluate_batch(self, batch: Any) -> tf.Tensor:
+        features, labels = batch
+        outputs = self.model(features, training=False)
+        for metric in self.metrics.values():
+            metric.update_state(labels, outputs)
+        per_example = tf.cast(self.compute_loss(labels, outputs), tf.float32)
+        return tf.stack([tf.reduce_sum(per_example), tf.cast(tf.size(per_example), tf.float32)])
+
+    # ---- the loop ----------------------------------------------------------------------
+
+    def evaluate(self, dataset: tf.data.Dataset | None = None) -> dict[str, float]:
+        """Data loss (mean per example) and metrics over `dataset` (default `eval_dataset()`)."""
+        self.model  # noqa: B018
+        dataset = dataset if dataset is not None else self.eval_dataset()
+        if dataset is None:
+            return {}
+        for metric in self.metrics.values():
+            metric.reset_state()
+        total = tf.zeros([2])
+        for batch in dataset:
+            total += self._eval_step(batch)
+        loss_sum, count = total.numpy()
+        results = {"loss": float(loss_sum / max(count, 1.0))}
+        results.update({k: float(m.result()) for k, m in self.metrics.items()})
+        return results
+
+    def _take_mean_losses(self) -> dict[str, float]:
+        count = max(float(self._loss_count.numpy()), 1.0)
+        means = self._loss_sums.numpy() / count
+        self._loss_sums.assign(tf.zeros_like(self._loss_sums))
+        self._loss_count.assign(0.0)
+        return {name: float(v) for name, v in zip(self.loss_names, means)}
+
+    def train(self) -> dict[str, Any]:
+        """Trains for `options.train_steps` steps, evaluating as `options.eval_every` says.
+
+        Returns:
+          `{"step", "steps_per_sec", "train": {loss breakdown, mean of the last loop},
+          "eval": {metrics at the end}, "history": [eval results by step]}`.
+        """
+        opts = self.options
+        model_dir = self._prepare_model_dir()
+        self.model  # noqa: B018
+        iterator = iter(self.train_dataset())
+        train_logs: dict[str, float] = {}
+        eval_logs: dict[str, float] = {}
+        history = []
+        start, start_step = time.perf_counter(), self.step
+        while self.step < opts.train_steps:
+            num_steps = min(opts.steps_per_loop, opts.train_steps - self.step)
+            if opts.eval_every:
+                num_steps = min(num_steps, opts.eval_every - self.step % opts.eval_every)
+            loop_start = time.perf_counter()
+            self._train_loop(iterator, tf.constant(num_steps, tf.int32))
+            train_logs = self._take_mean_losses()
+            self.step += num_steps
+            rate = num_steps / (time.perf_counter() - loop_start)
+            self._check_finite(train_logs)
+            logging.info("step %d  %.1f steps/s  %s", self.step, rate, format_losses(train_logs))
+            done = self.step >= opts.train_steps
+            if done or (opts.eval_every and self.step % opts.eval_every == 0):
+                eval_logs = self.evaluate()
+                if eval_logs:
+                    history.append({"step": self.step, **eval_logs})
+                    logging.info("eval at step %d  %s", self.step, format_losses(eval_logs))
+        elapsed = time.perf_counter() - start
+        result = {
+            "step": self.step,
+            "steps_per_sec": (self.step - start_step) / elapsed if elapsed > 0 else 0.0,
+            "train": train_logs,
+            "eval": eval_logs,
+            "history": history,
+        }
+        if model_dir:
+            with open(os.path.join(model_dir, "results.json"), "w") as f:
+                json.dump(result, f, indent=2)
+        return result
+
+    def _check_finite(self, logs: dict[str, float]) -> None:
+        bad = [name for name, value in logs.items() if name != "loss" and not math.isfinite(value)]
+        if bad or not math.isfinite(logs.get("loss", 0.0)):
+            raise FloatingPointError(
+                f"Non-finite loss by step {self.step}: "
+                + ", ".join(f"{n}={logs[n]}" for n in (bad or ["loss"]))
+            )
+
+    def _prepare_model_dir(self) -> str | None:
+        model_dir = self.options.model_dir
+        if not model_dir:
+            return None
+        try:
+            os.makedirs(model_dir, exist_ok=True)
+            probe = os.path.join(model_dir, ".write_test")
+            with open(probe, "w"):
+                pass
+            os.remove(probe)
+        except OSError as e:
+            raise ConfigError(f"`model_dir` ({model_dir!r}) is not writable: {e.strerror}.") from e
+        return model_dir
+
+
+def format_losses(logs: dict[str, float]) -> str:
+    """`loss=0.1234 data_loss=0.1200 penalty/l2=0.0034` for progress lines."""
+    return " ".join(f"{k}={v:.4g}" for k, v in logs.items())
