@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import keras
 import tensorflow as tf
 
@@ -21,7 +23,7 @@ class Cifar10(Mnist):
     Differs from `Mnist` only in its data and model.
     """
 
-    default_options = {"train_steps": 5000, "batch_size": 128, "eval_every": 1000}
+    default_options: ClassVar[dict] = {"train_steps": 5000, "batch_size": 128, "eval_every": 1000}
     dataset_name = "cifar10"
     download_host = "www.cs.toronto.edu"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import keras
 import tensorflow as tf
 
@@ -17,7 +19,7 @@ def _flatten(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 class Mnist(Trainer):
     """The seed article's MLP (784 -> 64 relu -> 10 logits) with sparse cross-entropy."""
 
-    default_options = {"train_steps": 2000, "batch_size": 128, "eval_every": 1000}
+    default_options: ClassVar[dict] = {"train_steps": 2000, "batch_size": 128, "eval_every": 1000}
     dataset_name = "mnist"
     download_host = "storage.googleapis.com"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import ClassVar
 
 import keras
 import numpy as np
@@ -45,7 +46,7 @@ class SyntheticRegression(Trainer):
     with `l2(1e-2)`; see README.md for the measured figures.
     """
 
-    default_options = {"train_steps": 2000, "batch_size": 64, "learning_rate": 1e-3}
+    default_options: ClassVar[dict] = {"train_steps": 2000, "batch_size": 64, "learning_rate": 1e-3}
 
     def build_model(self) -> keras.Model:
         return keras.Sequential(

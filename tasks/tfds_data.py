@@ -28,7 +28,7 @@ def load(name: str, split: str, data_dir: str | None, download_host: str) -> tf.
     """
     import tensorflow_datasets as tfds
 
-    kwargs = dict(split=split, as_supervised=True, data_dir=data_dir)
+    kwargs = {"split": split, "as_supervised": True, "data_dir": data_dir}
     try:
         return tfds.load(name, download=False, **kwargs)
     except AssertionError:

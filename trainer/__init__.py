@@ -14,9 +14,9 @@ from trainer.registry import (
 from trainer.trainer import Trainer, TrainerOptions
 
 __all__ = [
+    "L2",
     "ConfigError",
     "DecoupledWeightDecay",
-    "L2",
     "Penalty",
     "SelectiveL2",
     "StepContext",

@@ -22,7 +22,7 @@ def variable_path(variable: Any) -> str:
     if path:
         return path
     name = variable.name
-    return name[:-2] if name.endswith(":0") else name
+    return name.removesuffix(":0")
 
 
 def _compile(argument: str, selector: Selector) -> re.Pattern | Callable | None:
