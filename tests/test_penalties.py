@@ -1,0 +1,210 @@
+"""Every penalty's value, gradient and update against NumPy, eagerly and under tf.function."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+from array_task import small_model
+
+from trainer import L2, ConfigError, DecoupledWeightDecay, SelectiveL2, StepContext
+
+MODES = (("eager", False), ("tf_function", True))
+
+
+def _run(fn, use_tf_function):
+    return tf.function(fn)() if use_tf_function else fn()
+
+
+class PenaltyTestBase(parameterized.TestCase, tf.test.TestCase):
+    """Shared checks; subclasses give `make_penalty()` and the NumPy references."""
+
+    __test__ = False  # only concrete subclasses run
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.__test__ = not cls.__name__.endswith("Base")
+
+    def make_penalty(self):
+        raise NotImplementedError
+
+    def expected_selection(self) -> list[str]:
+        """Paths of `small_model()` variables the penalty selects."""
+        raise NotImplementedError
+
+    def setUp(self):
+        super().setUp()
+        tf.keras.utils.set_random_seed(7)
+        self.model = small_model()
+        # Non-default values everywhere, so that a wrong selection changes the numbers.
+        rng = np.random.RandomState(3)
+        for v in self.model.trainable_variables:
+            v.assign(rng.randn(*v.shape).astype(np.float32))
+        self.penalty = self.make_penalty()
+        self.selected = self.penalty.select(self.model.trainable_variables)
+
+    def test_selection(self):
+        """The penalty resolves exactly the expected variables, in model order."""
+        self.assertEqual([v.path for v in self.selected], self.expected_selection())
+
+    def test_repr_round_trips_the_arguments(self):
+        """`repr` shows the class and the arguments as typed (float32 noise hidden)."""
+        self.assertEqual(repr(self.penalty), self.expected_repr)
+
+
+class LossPenaltyTestBase(PenaltyTestBase):
+    """Loss penalties: value and gradient equal a NumPy reference."""
+
+    def numpy_loss(self, weights: list[np.ndarray]) -> float:
+        raise NotImplementedError
+
+    def numpy_gradient(self, weight: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    @parameterized.named_parameters(*MODES)
+    def test_value_matches_numpy(self, use_tf_function):
+        """The loss term equals the NumPy formula on the selected weights."""
+        value = _run(lambda: self.penalty.loss(self.selected), use_tf_function)
+        expected = self.numpy_loss([v.numpy() for v in self.selected])
+        self.assertAllClose(value, expected, rtol=1e-6)
+        self.assertEqual(value.dtype, tf.float32)
+
+    @parameterized.named_parameters(*MODES)
+    def test_gradient_matches_numpy(self, use_tf_function):
+        """d(loss)/dw equals the NumPy derivative for selected weights and is 0 elsewhere."""
+        variables = self.model.trainable_variables
+
+        def gradients():
+            with tf.GradientTape() as tape:
+                loss = self.penalty.loss(self.selected)
+            # Not UnconnectedGradients.ZERO: it fails on Keras 3 variables (string dtypes).
+            grads = tape.gradient(loss, variables)
+            return [tf.zeros(v.shape) if g is None else g for v, g in zip(variables, grads)]
+
+        grads = _run(gradients, use_tf_function)
+        selected = {v.path for v in self.selected}
+        for v, g in zip(variables, grads):
+            expected = self.numpy_gradient(v.numpy()) if v.path in selected else 0 * v.numpy()
+            self.assertAllClose(g, expected, rtol=1e-6, msg=v.path)
+
+    def test_empty_selection_is_zero(self):
+        """Sonnet's convention: a loss over no variables is 0, not an error inside the graph."""
+        self.assertEqual(float(self.penalty.loss([])), 0.0)
+
+    def test_strength_change_changes_value_without_retracing(self):
+        """Strengths live in variables: a new λ gives a new value from the same trace."""
+        fn = tf.function(lambda: self.penalty.loss(self.selected))
+        before = float(fn())
+        self.penalty.scale = self.penalty.scale * 3
+        self.assertAllClose(fn(), 3 * before, rtol=1e-6)
+        self.assertEqual(fn.experimental_get_tracing_count(), 1)
+
+
+class L2Test(LossPenaltyTestBase):
+    expected_repr = "L2(scale=0.01)"
+
+    def make_penalty(self):
+        return L2(0.01)
+
+    def expected_selection(self):
+        return [v.path for v in self.model.trainable_variables]
+
+    def numpy_loss(self, weights):
+        return 0.01 * sum(np.sum(w.astype(np.float64) ** 2) for w in weights)
+
+    def numpy_gradient(self, weight):
+        return 2 * 0.01 * weight
+
+
+class SelectiveL2ExcludeTest(LossPenaltyTestBase):
+    expected_repr = "SelectiveL2(scale=0.0001, exclude='bias|norm')"
+
+    def make_penalty(self):
+        return SelectiveL2(1e-4, exclude="bias|norm")
+
+    def expected_selection(self):
+        return ["net/hidden/kernel", "net/out/kernel"]
+
+    def numpy_loss(self, weights):
+        return 1e-4 * sum(np.sum(w.astype(np.float64) ** 2) for w in weights)
+
+    def numpy_gradient(self, weight):
+        return 2e-4 * weight
+
+
+class SelectiveL2IncludeTest(SelectiveL2ExcludeTest):
+    expected_repr = "SelectiveL2(scale=0.0001, include='hidden', exclude='bias')"
+
+    def make_penalty(self):
+        return SelectiveL2(1e-4, include="hidden", exclude="bias")
+
+    def expected_selection(self):
+        return ["net/hidden/kernel"]
+
+
+class DecoupledWeightDecayTest(PenaltyTestBase):
+    """`w ← w − decay·w` on the selected weights only, decay per coupling (NumPy reference)."""
+
+    expected_repr = "DecoupledWeightDecay(rate=0.004)"
+
+    def make_penalty(self):
+        return DecoupledWeightDecay(4e-3)
+
+    def expected_selection(self):
+        # Default: ndim >= 2, so kernels and not biases or the norm's gamma/beta.
+        return ["net/hidden/kernel", "net/out/kernel"]
+
+    def test_not_a_loss_term(self):
+        """Decoupled decay never enters the loss (it would be rescaled by Adam if it did)."""
+        self.assertFalse(self.penalty.has_loss)
+        self.assertTrue(self.penalty.has_update)
+
+    @parameterized.named_parameters(
+        ("learning_rate_eager", "learning_rate", False, 0.05 * 4e-3),
+        ("learning_rate_tf_function", "learning_rate", True, 0.05 * 4e-3),
+        ("schedule", "schedule", True, 0.5 * 4e-3),
+        ("absolute", "absolute", True, 4e-3),
+    )
+    def test_update_matches_numpy(self, coupling, use_tf_function, decay):
+        """One update multiplies selected weights by (1 − decay) and leaves the rest alone."""
+        penalty = DecoupledWeightDecay(4e-3, coupling=coupling)
+        selected = penalty.select(self.model.trainable_variables)
+        before = {v.path: v.numpy() for v in self.model.trainable_variables}
+        context = StepContext(learning_rate=tf.constant(0.05), schedule_multiplier=tf.constant(0.5))
+        _run(lambda: penalty.update(selected, context), use_tf_function)
+        chosen = {v.path for v in selected}
+        for v in self.model.trainable_variables:
+            factor = 1 - decay if v.path in chosen else 1.0
+            self.assertAllClose(v.numpy(), before[v.path] * factor, rtol=1e-6, msg=v.path)
+
+
+class ValidationTest(parameterized.TestCase):
+    """Bad arguments fail in the constructor with the argument's name and value."""
+
+    @parameterized.named_parameters(
+        ("negative_scale", lambda: L2(-1.0), "`scale` (-1.0)"),
+        ("nan_scale", lambda: L2(float("nan")), "`scale` (nan)"),
+        ("string_scale", lambda: L2("big"), "`scale` ('big')"),
+        ("bool_scale", lambda: L2(True), "`scale` (True)"),
+        ("negative_rate", lambda: DecoupledWeightDecay(-0.1), "`rate` (-0.1)"),
+        ("bad_coupling", lambda: DecoupledWeightDecay(0.1, coupling="lr"), "`coupling` ('lr')"),
+        ("bad_regex", lambda: SelectiveL2(0.1, include="("), "`include` ('(')"),
+        ("bad_selector", lambda: L2(0.1, exclude=3), "`exclude` (3)"),
+        ("selective_without_selection", lambda: SelectiveL2(0.1), "use L2"),
+    )
+    def test_rejected(self, make, message):
+        with self.assertRaises(ConfigError) as cm:
+            make()
+        self.assertIn(message, str(cm.exception))
+
+    def test_negative_scale_assignment_rejected(self):
+        penalty = L2(0.1)
+        with self.assertRaisesRegex(ConfigError, r"`scale` \(-2\)"):
+            penalty.scale = -2
+        self.assertAlmostEqual(penalty.scale, 0.1, places=6)
+
+
+if __name__ == "__main__":
+    tf.test.main()
