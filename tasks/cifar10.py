@@ -43,4 +43,4 @@ class Cifar10(Mnist):
 
     def _load(self, split: str) -> tf.data.Dataset:
         ds = tfds_data.load(self.dataset_name, split, self.options.data_dir, self.download_host)
-        return ds.map(_scale, num_parallel_calls=tf.data.AUTOTUNE).cache()
+        return ds.cache().map(_scale, num_parallel_calls=tf.data.AUTOTUNE)

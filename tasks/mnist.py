@@ -34,7 +34,8 @@ class Mnist(Trainer):
 
     def _load(self, split: str) -> tf.data.Dataset:
         ds = tfds_data.load(self.dataset_name, split, self.options.data_dir, self.download_host)
-        return ds.map(_flatten, num_parallel_calls=tf.data.AUTOTUNE).cache()
+        # Cache the uint8 images, 4x smaller than the float32 ones the model sees.
+        return ds.cache().map(_flatten, num_parallel_calls=tf.data.AUTOTUNE)
 
     def train_dataset(self) -> tf.data.Dataset:
         return (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import tensorflow as tf
@@ -33,7 +34,7 @@ def load(name: str, split: str, data_dir: str | None, download_host: str) -> tf.
         return tfds.load(name, download=False, **kwargs)
     except AssertionError:
         if not _reachable(download_host):
-            where = data_dir or "TFDS' default data_dir (~/tensorflow_datasets)"
+            where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
             raise ConfigError(
                 f"TFDS dataset {name!r} is not prepared in {where} and {download_host} is "
                 f"unreachable: run `tfds build {name} --data_dir=DIR` where there is network, "
