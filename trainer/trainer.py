@@ -175,7 +175,8 @@ class Trainer:
             )
         self.optimizer = self.build_optimizer()
         self.optimizer.build(self._trainable)
-        self._initial_lr = tf.cast(self._learning_rate_at(0), tf.float32)
+        self._initial_lr = self._initial_learning_rate()
+        self._loss_scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
         self.metrics = self.build_metrics()
         self._model = model
         self.loss_names = (
@@ -212,18 +213,20 @@ class Trainer:
 
     # ---- the step ----------------------------------------------------------------------
 
-    def _learning_rate_at(self, step: Any) -> tf.Tensor:
-        lr = self.optimizer._learning_rate  # the schedule or the variable
+    def _initial_learning_rate(self) -> tf.Tensor:
+        """The learning rate at step 0: the base of the paper's schedule multiplier η_t."""
+        optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        lr = optimizer._learning_rate  # the schedule or the variable, before evaluation
         if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
-            return lr(step)
-        return tf.convert_to_tensor(lr)
+            lr = lr(0)
+        return tf.cast(tf.convert_to_tensor(lr), tf.float32)
 
     def compute_losses(self, features: Any, labels: Any, training: bool = True) -> list[tf.Tensor]:
         """The loss breakdown in `loss_names` order: total, data loss, each penalty term.
 
         Call it under a `GradientTape`: the total is what gradients are taken of.
         """
-        outputs = self.model(features, training=training)
+        outputs = _float32(self.model(features, training=training))
         per_example = tf.cast(self.compute_loss(labels, outputs), tf.float32)
         if per_example.shape.rank != 1:
             raise ValueError(
@@ -243,14 +246,31 @@ class Trainer:
         features, labels = batch
         with tf.GradientTape() as tape:
             losses = self.compute_losses(features, labels)
-        gradients = tape.gradient(losses[0], self._trainable)
+            loss = self.optimizer.scale_loss(losses[0]) if self._loss_scaled else losses[0]
+        gradients = tape.gradient(loss, self._trainable)
         if self._decoupled:
-            lr = tf.cast(self._learning_rate_at(self.optimizer.iterations), tf.float32)
-            context = StepContext(learning_rate=lr, schedule_multiplier=lr / self._initial_lr)
-            for penalty, variables in self._decoupled:
-                penalty.update(variables, context)
+            self._apply_decoupled_updates(gradients)
         self.optimizer.apply_gradients(zip(gradients, self._trainable))
         return losses
+
+    def _apply_decoupled_updates(self, gradients: list[tf.Tensor]) -> None:
+        """Decoupled penalties' direct updates, at this step's learning rate (before it moves)."""
+        lr = tf.cast(self.optimizer.learning_rate, tf.float32)
+        context = StepContext(learning_rate=lr, schedule_multiplier=lr / self._initial_lr)
+
+        def update() -> tf.Tensor:
+            for penalty, variables in self._decoupled:
+                penalty.update(variables, context)
+            return tf.constant(True)
+
+        if not self._loss_scaled:
+            update()
+            return
+        # A LossScaleOptimizer skips steps whose gradients are not finite; so must the decay.
+        finite = tf.reduce_all(
+            [tf.reduce_all(tf.math.is_finite(g)) for g in gradients if g is not None]
+        )
+        tf.cond(finite, update, lambda: tf.constant(False))
 
     def _train_steps(self, iterator: Any, num_steps: tf.Tensor) -> None:
         for _ in tf.range(num_steps):
@@ -260,7 +280,7 @@ class Trainer:
 
     def _evaluate_batch(self, batch: Any) -> tf.Tensor:
         features, labels = batch
-        outputs = self.model(features, training=False)
+        outputs = _float32(self.model(features, training=False))
         for metric in self.metrics.values():
             metric.update_state(labels, outputs)
         per_example = tf.cast(self.compute_loss(labels, outputs), tf.float32)
@@ -357,6 +377,13 @@ class Trainer:
         except OSError as e:
             raise ConfigError(f"`model_dir` ({model_dir!r}) is not writable: {e.strerror}.") from e
         return model_dir
+
+
+def _float32(outputs: Any) -> Any:
+    """Float outputs in float32: under mixed precision the loss is computed in full precision."""
+    return tf.nest.map_structure(
+        lambda t: tf.cast(t, tf.float32) if t.dtype.is_floating else t, outputs
+    )
 
 
 def format_losses(logs: dict[str, float]) -> str:
