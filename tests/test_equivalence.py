@@ -270,8 +270,13 @@ class MixedPrecisionTest(EquivalenceTestBase):
 
     def test_penalties_on_float32_weights(self):
         """Reference: NumPy on the float32 weights; bfloat16 weights would be off by ~1e-3."""
-        task = ArrayTask(self.x, self.y, TrainerOptions(batch_size=BATCH, train_steps=10),
-                         penalties=[L2(0.05)], model_fn=lambda: mlp(keras.regularizers.l2(0.05)))  # fmt: skip
+        task = ArrayTask(
+            self.x,
+            self.y,
+            TrainerOptions(batch_size=BATCH, train_steps=10),
+            penalties=[L2(0.05)],
+            model_fn=lambda: mlp(keras.regularizers.l2(0.05)),
+        )
         task.model.set_weights(self.init)
         self.assertEqual(task.model.layers[0].compute_dtype, "bfloat16")
         losses = task.compute_losses(self.x[:BATCH], self.y[:BATCH])
