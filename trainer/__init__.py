@@ -1,7 +1,7 @@
 """tapeloop: custom TensorFlow 2 training loops with regularization done right."""
 
 from trainer.errors import ConfigError
-from trainer.penalties import L2, DecoupledWeightDecay, Penalty, SelectiveL2, StepContext
+from trainer.penalties import L2, DecoupledWeightDecay, Penalty, SelectiveL2, StepContext, Strength
 from trainer.registry import (
     get_penalty,
     get_task,
@@ -20,6 +20,7 @@ __all__ = [
     "Penalty",
     "SelectiveL2",
     "StepContext",
+    "Strength",
     "Trainer",
     "TrainerOptions",
     "get_penalty",

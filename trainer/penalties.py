@@ -60,6 +60,34 @@ def _sum_of_squares(variables: Sequence[Any]) -> tf.Tensor:
     return tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32))) for v in variables])
 
 
+class Strength:
+    """A non-negative penalty strength (λ, a rate): a class attribute of a `Penalty`.
+
+    It reads and writes as a float. Once the penalty is built (`Penalty.select`, called by the
+    Trainer under its distribution strategy's scope) the value lives in a non-trainable
+    `tf.Variable`, so that assigning a new value (a schedule, a sweep) never retraces the
+    step; `penalty.strength(name)` is that variable, for use in `loss` and `update`.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, penalty: Any, owner: type | None = None) -> Any:
+        if penalty is None:
+            return self
+        variable = penalty.__dict__.get("_strength_variables", {}).get(self.name)
+        if variable is not None:
+            return float(variable.numpy())
+        return penalty.__dict__["_strength_values"][self.name]
+
+    def __set__(self, penalty: Any, value: Any) -> None:
+        value = check_non_negative(self.name, value)
+        penalty.__dict__.setdefault("_strength_values", {})[self.name] = value
+        variable = penalty.__dict__.get("_strength_variables", {}).get(self.name)
+        if variable is not None:
+            variable.assign(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepContext:
     """What a penalty's `update` may need to know about the current step.
@@ -103,6 +131,8 @@ class Penalty:
     ):
         if not (self.has_loss or self.has_update):
             raise TypeError(f"{type(self).__name__} must override loss() or update().")
+        if name is not None and not (isinstance(name, str) and name.isidentifier()):
+            raise ConfigError(f"`name` ({name!r}) must be an identifier, e.g. 'l2_kernels'.")
         self.include = include
         self.exclude = exclude
         self._include = _compile("include", include)
@@ -156,7 +186,21 @@ class Penalty:
                 f"{self!r} selects no variable among the {len(paths)} trainable variables "
                 f"({examples})."
             )
+        self.build()
         return chosen
+
+    def build(self) -> None:
+        """Creates the variables holding the `Strength`s; `select` calls it."""
+        variables = self.__dict__.setdefault("_strength_variables", {})
+        for name, value in self.__dict__.get("_strength_values", {}).items():
+            if name not in variables:
+                variables[name] = tf.Variable(value, trainable=False, dtype=tf.float32, name=name)
+
+    def strength(self, name: str) -> tf.Variable:
+        """The variable holding the `Strength` called `name` (built on first use)."""
+        if name not in self.__dict__.get("_strength_variables", {}):
+            self.build()
+        return self._strength_variables[name]
 
     def loss(self, variables: Sequence[Any]) -> tf.Tensor:
         """The loss term for the selected `variables`: a float32 scalar."""
@@ -189,10 +233,6 @@ def _short(value: Any) -> str:
     return repr(float(f"{value:.7g}")) if isinstance(value, float) else repr(value)
 
 
-def _strength(name: str, value: float) -> tf.Variable:
-    return tf.Variable(value, trainable=False, dtype=tf.float32, name=name)
-
-
 @register_penalty("l2")
 class L2(Penalty):
     """`scale · Σ w²` over all trainable variables: the Keras `l2` regularizer's convention.
@@ -207,6 +247,8 @@ class L2(Penalty):
       name: see `Penalty`.
     """
 
+    scale = Strength()
+
     def __init__(
         self,
         scale: float = 0.01,
@@ -216,18 +258,10 @@ class L2(Penalty):
         name: str | None = None,
     ):
         super().__init__(include=include, exclude=exclude, name=name)
-        self._scale = _strength("scale", check_non_negative("scale", scale))
-
-    @property
-    def scale(self) -> float:
-        return float(self._scale.numpy())
-
-    @scale.setter
-    def scale(self, value: float) -> None:
-        self._scale.assign(check_non_negative("scale", value))
+        self.scale = scale
 
     def loss(self, variables: Sequence[Any]) -> tf.Tensor:
-        return self._scale * _sum_of_squares(variables)
+        return self.strength("scale") * _sum_of_squares(variables)
 
     def params(self) -> dict[str, Any]:
         return {"scale": self.scale}
@@ -295,6 +329,8 @@ class DecoupledWeightDecay(Penalty):
       name: see `Penalty`.
     """
 
+    rate = Strength()
+
     def __init__(
         self,
         rate: float = 0.004,
@@ -308,26 +344,19 @@ class DecoupledWeightDecay(Penalty):
         if coupling not in COUPLINGS:
             raise ConfigError(f"`coupling` ({coupling!r}) must be one of {', '.join(COUPLINGS)}.")
         self.coupling = coupling
-        self._rate = _strength("rate", check_non_negative("rate", rate))
-
-    @property
-    def rate(self) -> float:
-        return float(self._rate.numpy())
-
-    @rate.setter
-    def rate(self, value: float) -> None:
-        self._rate.assign(check_non_negative("rate", value))
+        self.rate = rate
 
     def default_selection(self, variable: Any) -> bool:
         return len(variable.shape) >= 2
 
     def decay(self, context: StepContext) -> tf.Tensor:
         """The multiplicative decay applied this step (`lr_t · rate` by default)."""
+        rate = self.strength("rate")
         if self.coupling == "learning_rate":
-            return tf.cast(context.learning_rate, tf.float32) * self._rate
+            return tf.cast(context.learning_rate, tf.float32) * rate
         if self.coupling == "schedule":
-            return tf.cast(context.schedule_multiplier, tf.float32) * self._rate
-        return tf.identity(self._rate)
+            return tf.cast(context.schedule_multiplier, tf.float32) * rate
+        return tf.identity(rate)
 
     def update(self, variables: Sequence[Any], context: StepContext) -> None:
         decay = self.decay(context)

@@ -24,7 +24,10 @@ def _register(table: dict[str, type], kind: str, name: str) -> Callable[[type], 
 
     def decorator(cls: type) -> type:
         existing = table.get(name)
-        if existing is not None and existing.__qualname__ != cls.__qualname__:
+        if existing is not None and (existing.__module__, existing.__qualname__) != (
+            cls.__module__,
+            cls.__qualname__,
+        ):
             raise ValueError(
                 f"{kind} name {name!r} is already registered to "
                 f"{existing.__module__}.{existing.__qualname__}."
@@ -81,10 +84,16 @@ def import_modules(names: Iterable[str]) -> None:
       ConfigError: a module cannot be found.
     """
     for name in names:
+        if not all(part.isidentifier() for part in name.split(".")):
+            raise ConfigError(f"--import={name!r} is not a module name like 'my_package.tasks'.")
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as e:
-            raise ConfigError(f"--import={name!r}: no such module ({e.name!r} not found).") from e
+            if e.name == name:
+                raise ConfigError(f"--import={name!r}: no such module on sys.path.") from e
+            raise ConfigError(
+                f"--import={name!r}: the module imports {e.name!r}, which is not installed."
+            ) from e
 
 
 def task_names() -> list[str]:
@@ -122,7 +131,7 @@ def get_penalty(name: str) -> type:
 def _literal(spec: str, node: ast.AST) -> Any:
     try:
         return ast.literal_eval(node)
-    except ValueError as e:
+    except (ValueError, TypeError, MemoryError, RecursionError) as e:
         raise ConfigError(
             f"Penalty spec {spec!r}: argument {ast.unparse(node)!r} is not a literal "
             "(numbers, strings, booleans, None, lists and tuples only)."

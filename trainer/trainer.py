@@ -20,9 +20,12 @@ from trainer.penalties import Penalty, StepContext, variable_path
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad", "nadam")
 
 
-def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"`{name}` ({value!r}) must be a positive integer.")
+_INT32_MAX = 2**31 - 1  # step counts travel as int32 tensors
+
+
+def _integer(name: str, value: Any, low: int, high: int = _INT32_MAX) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"`{name}` ({value!r}) must be an integer from {low} to {high}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +39,7 @@ class TrainerOptions:
       train_steps: total optimizer steps, positive.
       steps_per_loop: steps run inside one `tf.function` call, between progress lines;
         positive. Larger is faster; results do not depend on it.
-      eval_every: evaluate every this many steps (rounded up to a loop boundary); 0
+      eval_every: evaluate every this many steps (a loop is cut short to end there); 0
         evaluates only at the end.
       model_dir: directory for `results.json` (and later checkpoints); None writes nothing.
       data_dir: where TFDS tasks look for prepared data; None for TFDS' default.
@@ -57,13 +60,9 @@ class TrainerOptions:
 
     def __post_init__(self):
         for name in ("batch_size", "train_steps", "steps_per_loop"):
-            _positive(name, getattr(self, name))
-        if (
-            isinstance(self.eval_every, bool)
-            or not isinstance(self.eval_every, int)
-            or (self.eval_every < 0)
-        ):
-            raise ConfigError(f"`eval_every` ({self.eval_every!r}) must be an integer >= 0.")
+            _integer(name, getattr(self, name), 1)
+        _integer("eval_every", self.eval_every, 0)
+        _integer("seed", self.seed, 0, 2**32 - 1)
         lr = self.learning_rate
         if (
             isinstance(lr, bool)

@@ -1,0 +1,186 @@
+"""The command line, run as a subprocess: usage errors, the default run, user plugins.
+
+Every bad input must end the process with exit status 2 and one line on stderr,
+`trainer: error: ...`, that names the bad value, never a traceback. Each subprocess imports
+TensorFlow (a few seconds), so the runs that could start training train for one step.
+"""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+from absl.testing import absltest, parameterized
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_DIR = os.path.dirname(TESTS_DIR)
+TIMEOUT_S = 120
+
+
+def run_cli(*args: str, command: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Runs `python -m trainer ARGS` (or `command + ARGS`) with `tests/` importable.
+
+    `tests/` goes on PYTHONPATH so that `--import=cli_plugin` finds `tests/cli_plugin.py`
+    under `python -m` and the console script alike.
+    """
+    env = dict(os.environ)
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS_DIR, env.get("PYTHONPATH")) if p)
+    command = command or [sys.executable, "-m", "trainer"]
+    return subprocess.run(
+        [*command, *args],
+        cwd=REPO_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def tapeloop_script() -> str | None:
+    """The `tapeloop` console script next to this interpreter, else the one on PATH."""
+    script = os.path.join(os.path.dirname(sys.executable), "tapeloop")
+    return script if os.access(script, os.X_OK) else shutil.which("tapeloop")
+
+
+class CliTestCase(parameterized.TestCase):
+    def assert_usage_error(self, result: subprocess.CompletedProcess, *fragments: str) -> None:
+        """Exit status 2, no traceback, and a last stderr line `trainer: error: ...FRAGMENTS...`."""
+        context = f"\nstdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-4000:]}"
+        self.assertEqual(result.returncode, 2, context)
+        self.assertNotIn("Traceback", result.stderr, context)
+        line = last_line(result.stderr)
+        self.assertStartsWith(line, "trainer: error:", context)
+        for fragment in fragments:
+            self.assertIn(fragment, line, context)
+
+
+# (name, flags, fragments of the error line). `--train_steps=1` is passed first, so that a
+# run that got past the check would be short; a later `--train_steps` overrides it.
+USAGE_ERRORS = [
+    ("unknown_task", ["--task=nope"], ["'nope'", "synthetic"]),
+    ("unknown_penalty", ["--penalty=nope(1)"], ["'nope'", "l2", "selective_l2"]),
+    ("unclosed_paren", ["--penalty=l2(1e-4"], ["Malformed", "'l2(1e-4'"]),
+    ("not_a_call", ["--penalty=1+2"], ["Malformed", "'1+2'"]),
+    ("wrong_argument_name", ["--penalty=l2(scal=1)"], ["'l2(scal=1)'", "'scal'"]),
+    ("non_literal_argument", ["--penalty=l2(x)"], ["'l2(x)'", "'x'", "not a literal"]),
+    ("negative_scale", ["--penalty=l2(-1)"], ["'l2(-1)'", "`scale` (-1)"]),
+    (
+        "negative_rate",
+        ["--penalty=decoupled_weight_decay(-0.1)"],
+        ["decoupled_weight_decay(-0.1)", "`rate` (-0.1)"],
+    ),
+    (
+        "invalid_regex",
+        ["--penalty=selective_l2(1e-4, include='(')"],
+        ["`include` ('(')", "not a valid regex"],
+    ),
+    (
+        "regex_matches_nothing",
+        ["--penalty=selective_l2(1e-4, include='kernal')"],
+        ["include='kernal'", "matches no variable path", "dense/kernel'"],
+    ),
+    ("zero_train_steps", ["--train_steps=0"], ["`train_steps` (0)", "integer from 1"]),
+    ("negative_batch_size", ["--batch_size=-3"], ["`batch_size` (-3)", "integer from 1"]),
+    ("zero_steps_per_loop", ["--steps_per_loop=0"], ["`steps_per_loop` (0)", "integer from 1"]),
+    ("learning_rate_not_a_number", ["--learning_rate=abc"], ["--learning_rate", "'abc'"]),
+    ("unknown_flag", ["--no_such_flag=1"], ["'no_such_flag'"]),
+    ("positional_argument", ["stray"], ["'stray'"]),
+    ("missing_import", ["--import=no_such_module_xyz"], ["'no_such_module_xyz'", "no such module"]),
+    ("relative_import", ["--import=.foo"], ["'.foo'", "not a module name"]),
+    ("steps_overflow_int32", ["--train_steps=3000000000"], ["`train_steps` (3000000000)"]),
+    ("negative_seed", ["--seed=-1"], ["`seed` (-1)"]),
+    ("unhashable_literal", ["--penalty=l2({[]: 1})"], ["'l2({[]: 1})'", "not a literal"]),
+    ("bad_penalty_name", ["--penalty=l2(name=1)"], ["`name` (1)"]),
+    (
+        "plugin_penalty_rejects_value",
+        ["--import=cli_plugin", "--task=tiny_linear", "--penalty=l1_test(-1)"],
+        ["'l1_test(-1)'", "`scale` (-1)"],
+    ),
+]
+
+
+class UsageErrorTest(CliTestCase):
+    @parameterized.named_parameters(USAGE_ERRORS)
+    def test_usage_error(self, flags, fragments):
+        """A bad flag or spec: exit 2, no traceback, one error line naming the bad value."""
+        self.assert_usage_error(run_cli("--train_steps=1", *flags), *fragments)
+
+    def test_unwritable_model_dir(self):
+        """--model_dir under a regular file: exit 2 and an error line naming the path."""
+        regular_file = self.create_tempfile("not_a_dir").full_path
+        model_dir = os.path.join(regular_file, "sub")
+        result = run_cli("--train_steps=1", f"--model_dir={model_dir}")
+        self.assert_usage_error(result, f"`model_dir` ({model_dir!r})", "not writable")
+
+    def test_console_script_reports_usage_error(self):
+        """The installed `tapeloop` console script exits 2 with the same one-line error."""
+        script = tapeloop_script()
+        self.assertIsNotNone(script, "the `tapeloop` console script is not installed")
+        result = run_cli("--task=nope", "--train_steps=1", command=[script])
+        self.assert_usage_error(result, "'nope'", "synthetic")
+
+
+class RunTest(CliTestCase):
+    def test_no_flags_trains_the_default_task(self):
+        """`python -m trainer` alone trains `synthetic`, exits 0, prints losses and eval."""
+        result = run_cli()
+        context = f"\nstdout:\n{result.stdout}\nstderr:\n{result.stderr[-4000:]}"
+        self.assertEqual(result.returncode, 0, context)
+        self.assertNotIn("Traceback", result.stderr, context)
+        self.assertIn("synthetic: 2000 steps", result.stdout, context)
+        self.assertRegex(result.stdout, r"train \(last loop\): loss=\S+ data_loss=\S+", context)
+        self.assertRegex(result.stdout, r"(?m)^\s*eval: loss=\d", context)
+
+    def test_plugin_task_and_penalty(self):
+        """A user's --import'ed task and penalty train; results.json holds the breakdown."""
+        model_dir = self.create_tempdir("model").full_path
+        result = run_cli(
+            "--import=cli_plugin",
+            "--task=tiny_linear",
+            "--penalty=l1_test(0.01)",
+            "--train_steps=20",
+            f"--model_dir={model_dir}",
+        )
+        context = f"\nstdout:\n{result.stdout}\nstderr:\n{result.stderr[-4000:]}"
+        self.assertEqual(result.returncode, 0, context)
+        self.assertNotIn("Traceback", result.stderr, context)
+        self.assertIn("tiny_linear: 20 steps", result.stdout, context)
+        self.assertIn("penalty/l1_test=", result.stdout, context)
+        self.assertIn("penalty/l1_test=", result.stderr, context)  # the progress lines
+        self.assertIn("L1(scale=0.01)", result.stderr, context)  # the penalty table
+
+        with open(os.path.join(model_dir, "results.json")) as f:
+            results = json.load(f)
+        self.assertEqual(results["step"], 20)
+        train = results["train"]
+        self.assertEqual(list(train), ["loss", "data_loss", "penalty/l1_test"])
+        self.assertGreater(train["penalty/l1_test"], 0.0)
+        # Means over the last loop: the total is the data loss plus the penalty term.
+        self.assertTrue(
+            math.isclose(
+                train["loss"], train["data_loss"] + train["penalty/l1_test"], rel_tol=1e-5
+            ),
+            train,
+        )
+        self.assertTrue(math.isfinite(results["eval"]["loss"]), results["eval"])
+
+    def test_diverging_run_exits_1_without_traceback(self):
+        """A learning rate that blows the loss up: exit 1 and a one-line `trainer:` message."""
+        result = run_cli("--import=cli_plugin", "--task=tiny_linear", "--learning_rate=1e3")
+        context = f"\nstdout:\n{result.stdout}\nstderr:\n{result.stderr[-4000:]}"
+        self.assertEqual(result.returncode, 1, context)
+        self.assertNotIn("Traceback", result.stderr, context)
+        self.assertStartsWith(last_line(result.stderr), "trainer: Non-finite loss", context)
+
+
+if __name__ == "__main__":
+    absltest.main()
