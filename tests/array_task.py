@@ -48,8 +48,9 @@ class ArrayTask(Trainer):
         loss_fn: Callable = mse,
         optimizer: Callable[[], keras.optimizers.Optimizer] | None = None,
         penalties=(),
+        strategy=None,
     ):
-        super().__init__(options, penalties=penalties)
+        super().__init__(options, penalties=penalties, strategy=strategy)
         self.x, self.y = x, y
         self._model_fn, self._loss_fn, self._optimizer_fn = model_fn, loss_fn, optimizer
 

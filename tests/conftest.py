@@ -1,12 +1,24 @@
-"""pytest setup: absltest helpers (create_tempdir, flagsaver) need absl flags parsed."""
+"""pytest setup: parsed absl flags, 2 logical CPUs for strategy tests, quiet TF logs."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import flags
+
+CPU_REPLICAS = 2
 
 
 def pytest_configure(config):
     del config
+    # absltest helpers (create_tempdir, flagsaver) need parsed flags.
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+    # Logical devices can only be set before TensorFlow runs its first op, so once for all
+    # tests; tests without a strategy still run on /cpu:0 alone.
+    from trainer.distribution import configure_cpu_replicas
+
+    configure_cpu_replicas(CPU_REPLICAS)
 
 
 def pytest_collection_modifyitems(config, items):

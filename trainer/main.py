@@ -8,6 +8,7 @@ import sys
 from absl import app, flags, logging
 
 from trainer import registry
+from trainer.distribution import STRATEGIES
 from trainer.errors import ConfigError
 from trainer.trainer import OPTIMIZERS, TrainerOptions, format_losses
 
@@ -34,6 +35,22 @@ _EVAL_EVERY = flags.DEFINE_integer(
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Directory for results (none by default).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory (default: TFDS').")
 _SEED = flags.DEFINE_integer("seed", None, "Random seed (default: the task's).")
+_STRATEGY = flags.DEFINE_enum(
+    "strategy",
+    None,
+    STRATEGIES,
+    "tf.distribute strategy (default: none; multi_worker reads TF_CONFIG).",
+)
+_CPU_REPLICAS = flags.DEFINE_integer(
+    "cpu_replicas", None, "With --strategy=mirrored: mirror over N logical CPU devices (testing)."
+)
+_MIXED_PRECISION = flags.DEFINE_enum(
+    "mixed_precision",
+    None,
+    ["mixed_bfloat16", "mixed_float16"],
+    "Mixed precision policy; mixed_bfloat16 on CPUs (float16 is very slow there).",
+)
+_JIT_COMPILE = flags.DEFINE_bool("jit_compile", None, "Compile the train step with XLA.")
 _USE_TF_FUNCTION = flags.DEFINE_bool(
     "use_tf_function", True, "Run the train step as a tf.function; false runs it eagerly."
 )
@@ -50,6 +67,10 @@ _OPTION_FLAGS = {
     "data_dir": _DATA_DIR,
     "seed": _SEED,
     "use_tf_function": _USE_TF_FUNCTION,
+    "strategy": _STRATEGY,
+    "cpu_replicas": _CPU_REPLICAS,
+    "mixed_precision": _MIXED_PRECISION,
+    "jit_compile": _JIT_COMPILE,
 }
 
 

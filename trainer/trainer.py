@@ -14,10 +14,12 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from trainer.distribution import STRATEGIES, is_chief, is_default, local_devices, make_strategy
 from trainer.errors import ConfigError
 from trainer.penalties import Penalty, StepContext, variable_path
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad", "nadam")
+MIXED_PRECISION = (None, "mixed_bfloat16", "mixed_float16")
 
 
 _INT32_MAX = 2**31 - 1  # step counts travel as int32 tensors
@@ -45,6 +47,12 @@ class TrainerOptions:
       data_dir: where TFDS tasks look for prepared data; None for TFDS' default.
       seed: seeds Python, NumPy, TensorFlow and Keras for initialisation and shuffling.
       use_tf_function: False runs the very same step eagerly, for debugging.
+      strategy: a name in `distribution.STRATEGIES`: `default`, `mirrored`, `multi_worker`
+        (cluster from `TF_CONFIG`) or `tpu`; ignored when the Trainer is given a strategy.
+      cpu_replicas: with `mirrored`, mirror over this many logical CPUs (for testing).
+      mixed_precision: None, `"mixed_bfloat16"` (the CPU choice) or `"mixed_float16"` (GPUs;
+        adds a `LossScaleOptimizer`). Weights and penalties stay float32.
+      jit_compile: compile the train step with XLA.
     """
 
     optimizer: str = "adam"
@@ -57,6 +65,10 @@ class TrainerOptions:
     data_dir: str | None = None
     seed: int = 0
     use_tf_function: bool = True
+    strategy: str = "default"
+    cpu_replicas: int = 0
+    mixed_precision: str | None = None
+    jit_compile: bool = False
 
     def __post_init__(self):
         for name in ("batch_size", "train_steps", "steps_per_loop"):
@@ -73,6 +85,16 @@ class TrainerOptions:
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(
                 f"`optimizer` ({self.optimizer!r}) must be one of {', '.join(OPTIMIZERS)}."
+            )
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"`strategy` ({self.strategy!r}) must be one of {', '.join(STRATEGIES)}."
+            )
+        _integer("cpu_replicas", self.cpu_replicas, 0, 1024)
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(
+                f"`mixed_precision` ({self.mixed_precision!r}) must be one of "
+                f"{', '.join(map(repr, MIXED_PRECISION))}."
             )
 
 
@@ -98,15 +120,33 @@ class Trainer:
     weights directly, and the optimizer applies the gradients. `steps_per_loop` steps run
     inside one `tf.function` call.
 
+    Under a `tf.distribute` strategy each replica runs the step on its share of the global
+    batch; the data loss is averaged over the global batch and penalties are divided by the
+    number of replicas, so that each counts exactly once.
+
     Args:
       options: a `TrainerOptions`; the defaults when None.
       penalties: the penalties to apply.
+      strategy: a `tf.distribute.Strategy`; by default made from `options.strategy`.
     """
 
     registered_name: str | None = None
 
-    def __init__(self, options: TrainerOptions | None = None, *, penalties: Sequence[Penalty] = ()):
+    def __init__(
+        self,
+        options: TrainerOptions | None = None,
+        *,
+        penalties: Sequence[Penalty] = (),
+        strategy: tf.distribute.Strategy | None = None,
+    ):
         self.options = options or TrainerOptions()
+        self.strategy = strategy or make_strategy(self.options.strategy, self.options.cpu_replicas)
+        devices = local_devices(self.strategy)
+        if self.options.jit_compile and len(devices) > 1 and all("CPU" in d for d in devices):
+            raise ConfigError(
+                f"`jit_compile` (True) cannot run {len(devices)} replicas on logical CPU devices: "
+                "XLA places them all on /cpu:0. Use one CPU replica, or GPUs."
+            )
         for p in penalties:
             if not isinstance(p, Penalty):
                 raise ConfigError(f"`penalties` must hold Penalty objects, got {p!r}.")
@@ -159,11 +199,13 @@ class Trainer:
         if self._model is not None:
             return
         keras.utils.set_random_seed(self.options.seed)
-        model = self.build_model()
-        if not model.built or not model.trainable_variables:
-            self._build_from_dataset(model)
-        self._trainable = list(model.trainable_variables)
-        self._selections = [(p, p.select(self._trainable)) for p in self.penalties]
+        with self.strategy.scope():
+            model = self._build_model_with_policy()
+            self._trainable = list(model.trainable_variables)
+            self._selections = [(p, p.select(self._trainable)) for p in self.penalties]
+            self.optimizer = self._build_optimizer_with_loss_scale()
+            self.optimizer.build(self._trainable)  # before the first step: needed under strategies
+            self._initial_lr = self._initial_learning_rate()
         self._loss_penalties = [(p, v) for p, v in self._selections if p.has_loss]
         self._decoupled = [(p, v) for p, v in self._selections if p.has_update]
         names = [p.name for p in self.penalties]
@@ -172,10 +214,8 @@ class Trainer:
             raise ConfigError(
                 f"Two penalties are named {duplicates[0]!r}; pass name=... to tell them apart."
             )
-        self.optimizer = self.build_optimizer()
-        self.optimizer.build(self._trainable)
-        self._initial_lr = self._initial_learning_rate()
         self._loss_scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+        # Evaluation runs outside the replicas (cross-replica context), with plain metrics.
         self.metrics = self.build_metrics()
         self._model = model
         self.loss_names = (
@@ -185,9 +225,40 @@ class Trainer:
         )
         self._loss_sums = tf.Variable(tf.zeros([len(self.loss_names)]), trainable=False)
         self._loss_count = tf.Variable(0.0, trainable=False)
+        step = self.train_step
+        if self.options.jit_compile:
+            step = tf.function(step, jit_compile=True)
+        self._replica_step = step
         self._train_loop = self._maybe_function(self._train_steps)
         self._eval_step = self._maybe_function(self._evaluate_batch)
-        logging.info("Penalties:\n%s", self.penalty_table())
+        logging.info(
+            "%s on %s with %d replica(s); penalties:\n%s",
+            type(self).__name__,
+            type(self.strategy).__name__,
+            self.strategy.num_replicas_in_sync,
+            self.penalty_table(),
+        )
+
+    def _build_model_with_policy(self) -> keras.Model:
+        policy = self.options.mixed_precision
+        previous = keras.mixed_precision.global_policy()
+        if policy:
+            keras.mixed_precision.set_global_policy(policy)
+        try:
+            model = self.build_model()
+            if not model.built or not model.trainable_variables:
+                self._build_from_dataset(model)
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
+        return model
+
+    def _build_optimizer_with_loss_scale(self) -> keras.optimizers.Optimizer:
+        optimizer = self.build_optimizer()
+        if self.options.mixed_precision == "mixed_float16" and not isinstance(
+            optimizer, keras.optimizers.LossScaleOptimizer
+        ):
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        return optimizer
 
     def _build_from_dataset(self, model: keras.Model) -> None:
         spec = self.train_dataset().element_spec[0]
@@ -253,8 +324,26 @@ class Trainer:
         return losses
 
     def _apply_decoupled_updates(self, gradients: list[tf.Tensor]) -> None:
-        """Decoupled penalties' direct updates, at this step's learning rate (before it moves)."""
+        """Decoupled penalties' direct updates, at this step's learning rate (before it moves).
+
+        Runs once per step in cross-replica context (`merge_call`), so mirrored variables get
+        one identical update.
+        """
         lr = tf.cast(self.optimizer.learning_rate, tf.float32)
+        replica = tf.distribute.get_replica_context()
+        nonfinite = tf.constant(0.0)  # replicas whose gradients are not finite
+        if self._loss_scaled:
+            # A LossScaleOptimizer skips steps whose gradients are not finite; so must the decay.
+            local = tf.reduce_all(
+                [tf.reduce_all(tf.math.is_finite(g)) for g in gradients if g is not None]
+            )
+            local = tf.cast(tf.logical_not(local), tf.float32)
+            nonfinite = replica.all_reduce(tf.distribute.ReduceOp.SUM, local)
+        replica.merge_call(self._decoupled_update_fn, args=(lr, nonfinite))
+
+    def _decoupled_update_fn(self, strategy, lr, nonfinite) -> None:
+        lr = strategy.experimental_local_results(lr)[0]
+        nonfinite = strategy.experimental_local_results(nonfinite)[0]
         context = StepContext(learning_rate=lr, schedule_multiplier=lr / self._initial_lr)
 
         def update() -> tf.Tensor:
@@ -262,20 +351,28 @@ class Trainer:
                 penalty.update(variables, context)
             return tf.constant(True)
 
-        if not self._loss_scaled:
+        if self._loss_scaled:
+            tf.cond(nonfinite == 0, update, lambda: tf.constant(False))
+        else:
             update()
-            return
-        # A LossScaleOptimizer skips steps whose gradients are not finite; so must the decay.
-        finite = tf.reduce_all(
-            [tf.reduce_all(tf.math.is_finite(g)) for g in gradients if g is not None]
-        )
-        tf.cond(finite, update, lambda: tf.constant(False))
 
     def _train_steps(self, iterator: Any, num_steps: tf.Tensor) -> None:
         for _ in tf.range(num_steps):
-            losses = self.train_step(next(iterator))
+            per_replica = self.strategy.run(self._replica_step, args=(next(iterator),))
+            losses = self._reduce_losses(per_replica)
             self._loss_sums.assign_add(tf.stack(losses))
             self._loss_count.assign_add(1.0)
+
+    def _reduce_losses(self, per_replica: list[Any]) -> list[tf.Tensor]:
+        """Global values: total and data loss summed over replicas (each holds its share of
+        the global mean), penalty terms averaged (each replica holds the whole term)."""
+        total, data, *terms = per_replica
+        sum_, mean = tf.distribute.ReduceOp.SUM, tf.distribute.ReduceOp.MEAN
+        return [
+            self.strategy.reduce(sum_, total, axis=None),
+            self.strategy.reduce(sum_, data, axis=None),
+            *(self.strategy.reduce(mean, t, axis=None) for t in terms),
+        ]
 
     def _evaluate_batch(self, batch: Any) -> tf.Tensor:
         features, labels = batch
@@ -303,6 +400,12 @@ class Trainer:
         results.update({k: float(m.result()) for k, m in self.metrics.items()})
         return results
 
+    def distribute(self, dataset: tf.data.Dataset) -> Any:
+        """`dataset` (global batches) split across the strategy's replicas."""
+        if is_default(self.strategy):
+            return dataset
+        return self.strategy.experimental_distribute_dataset(dataset)
+
     def _take_mean_losses(self) -> dict[str, float]:
         count = max(float(self._loss_count.numpy()), 1.0)
         means = self._loss_sums.numpy() / count
@@ -320,7 +423,7 @@ class Trainer:
         opts = self.options
         model_dir = self._prepare_model_dir()
         self.model  # noqa: B018
-        iterator = iter(self.train_dataset())
+        iterator = iter(self.distribute(self.train_dataset()))
         train_logs: dict[str, float] = {}
         eval_logs: dict[str, float] = {}
         history = []
@@ -350,7 +453,7 @@ class Trainer:
             "eval": eval_logs,
             "history": history,
         }
-        if model_dir:
+        if model_dir and is_chief(self.strategy):
             with open(os.path.join(model_dir, "results.json"), "w") as f:
                 json.dump(result, f, indent=2)
         return result

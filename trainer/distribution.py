@@ -1,0 +1,95 @@
+"""tf.distribute strategies by name (default, mirrored, multi_worker, tpu) and who is chief."""
+
+from __future__ import annotations
+
+import os
+
+import tensorflow as tf
+
+from trainer.errors import ConfigError
+
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+
+
+def configure_cpu_replicas(count: int) -> list[str]:
+    """Splits the first CPU into `count` logical devices, for testing replicas without GPUs.
+
+    Must run before TensorFlow executes its first op; afterwards it succeeds only if that many
+    logical CPUs already exist.
+
+    Returns:
+      The device names, `["/cpu:0", ..., f"/cpu:{count - 1}"]`.
+
+    Raises:
+      ConfigError: TensorFlow is already initialised with fewer logical CPUs.
+    """
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)]
+        )
+    except RuntimeError:
+        existing = len(tf.config.list_logical_devices("CPU"))
+        if existing < count:
+            raise ConfigError(
+                f"`cpu_replicas` ({count}): TensorFlow already started with {existing} CPU "
+                "device(s); create the strategy before any TensorFlow op runs."
+            ) from None
+    return [f"/cpu:{i}" for i in range(count)]
+
+
+def make_strategy(name: str = "default", cpu_replicas: int = 0) -> tf.distribute.Strategy:
+    """A `tf.distribute.Strategy` by name.
+
+    Args:
+      name: `"default"` (no distribution), `"mirrored"` (all local GPUs, or the CPU; with
+        `cpu_replicas`, that many logical CPUs), `"multi_worker"`
+        (`MultiWorkerMirroredStrategy`, cluster from the `TF_CONFIG` environment variable) or
+        `"tpu"` (`TPUStrategy`, TPU from the `TPU_NAME` environment variable, or the local one).
+      cpu_replicas: with `"mirrored"`, mirror over this many logical CPU devices; 0 to use
+        the real devices.
+
+    Raises:
+      ConfigError: an unknown name, or `cpu_replicas` with another strategy.
+    """
+    if name not in STRATEGIES:
+        raise ConfigError(f"`strategy` ({name!r}) must be one of {', '.join(STRATEGIES)}.")
+    if isinstance(cpu_replicas, bool) or not isinstance(cpu_replicas, int) or cpu_replicas < 0:
+        raise ConfigError(f"`cpu_replicas` ({cpu_replicas!r}) must be an integer >= 0.")
+    if cpu_replicas and name != "mirrored":
+        raise ConfigError(
+            f"`cpu_replicas` ({cpu_replicas}) needs strategy 'mirrored', not {name!r}."
+        )
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        devices = configure_cpu_replicas(cpu_replicas) if cpu_replicas else None
+        return tf.distribute.MirroredStrategy(devices)
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(os.environ.get("TPU_NAME", ""))
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def is_default(strategy: tf.distribute.Strategy) -> bool:
+    """Whether `strategy` is TensorFlow's no-op default strategy (no replicas to split over)."""
+    return type(strategy).__name__ == "_DefaultDistributionStrategy"
+
+
+def local_devices(strategy: tf.distribute.Strategy) -> tuple[str, ...]:
+    """The devices this process's replicas run on; () for the default strategy."""
+    return () if is_default(strategy) else tuple(strategy.extended.worker_devices)
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes results: always, except on non-chief multi-worker tasks."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    task_type = getattr(resolver, "task_type", None)
+    if not task_type:
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type == "chief" or (
+        not has_chief and task_type == "worker" and resolver.task_id == 0
+    )
