@@ -11,13 +11,14 @@ from trainer.registry import (
     register_task,
     task_names,
 )
-from trainer.trainer import Trainer, TrainerOptions
+from trainer.trainer import Preempted, Trainer, TrainerOptions
 
 __all__ = [
     "L2",
     "ConfigError",
     "DecoupledWeightDecay",
     "Penalty",
+    "Preempted",
     "SelectiveL2",
     "StepContext",
     "Strength",

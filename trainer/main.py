@@ -10,7 +10,7 @@ from absl import app, flags, logging
 from trainer import registry
 from trainer.distribution import STRATEGIES
 from trainer.errors import ConfigError
-from trainer.trainer import OPTIMIZERS, TrainerOptions, format_losses
+from trainer.trainer import OPTIMIZERS, Preempted, TrainerOptions, format_losses
 
 _TASK = flags.DEFINE_string("task", "synthetic", "Registered task to run.")
 _PENALTY = flags.DEFINE_multi_string(
@@ -51,6 +51,16 @@ _MIXED_PRECISION = flags.DEFINE_enum(
     "Mixed precision policy; mixed_bfloat16 on CPUs (float16 is very slow there).",
 )
 _JIT_COMPILE = flags.DEFINE_bool("jit_compile", None, "Compile the train step with XLA.")
+_CHECKPOINT_EVERY = flags.DEFINE_integer(
+    "checkpoint_every", None, "With --model_dir: checkpoint every N steps; 0: only at the end."
+)
+_RESUME_FROM = flags.DEFINE_string(
+    "resume_from", None, "Checkpoint to resume from instead of the latest (e.g. DIR/ckpt-2000)."
+)
+_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "Export the trained model as a SavedModel.")
+_DETERMINISTIC = flags.DEFINE_bool(
+    "deterministic", None, "Op determinism: a resumed run ends bit-identical to an unbroken one."
+)
 _USE_TF_FUNCTION = flags.DEFINE_bool(
     "use_tf_function", True, "Run the train step as a tf.function; false runs it eagerly."
 )
@@ -71,6 +81,10 @@ _OPTION_FLAGS = {
     "cpu_replicas": _CPU_REPLICAS,
     "mixed_precision": _MIXED_PRECISION,
     "jit_compile": _JIT_COMPILE,
+    "checkpoint_every": _CHECKPOINT_EVERY,
+    "resume_from": _RESUME_FROM,
+    "export_dir": _EXPORT_DIR,
+    "deterministic": _DETERMINISTIC,
 }
 
 
@@ -116,6 +130,9 @@ def main(argv: list[str]) -> None:
     except FloatingPointError as e:
         print(f"trainer: {e}", file=sys.stderr)
         sys.exit(1)
+    except Preempted as e:
+        print(f"trainer: {e}", file=sys.stderr)
+        sys.exit(Preempted.EXIT_STATUS)
     print(
         f"{_TASK.value}: {result['step']} steps, {result['steps_per_sec']:.0f} steps/s\n"
         f"  train (last loop): {format_losses(result['train'])}\n"

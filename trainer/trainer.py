@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import keras
 import tensorflow as tf
 from absl import logging
 
+from trainer.checkpointing import Checkpointer
 from trainer.distribution import STRATEGIES, is_chief, is_default, local_devices, make_strategy
 from trainer.errors import ConfigError
 from trainer.penalties import Penalty, StepContext, variable_path
@@ -53,6 +57,13 @@ class TrainerOptions:
       mixed_precision: None, `"mixed_bfloat16"` (the CPU choice) or `"mixed_float16"` (GPUs;
         adds a `LossScaleOptimizer`). Weights and penalties stay float32.
       jit_compile: compile the train step with XLA.
+      checkpoint_every: with `model_dir`, save a checkpoint every this many steps (and at the
+        end, and on SIGTERM); 0 saves only at the end and on SIGTERM.
+      resume_from: a checkpoint path (`<model_dir>/ckpt-<step>`) to resume from instead of
+        the latest one, e.g. when the latest is damaged.
+      export_dir: write the trained model there as a SavedModel (`model.export`).
+      deterministic: enable TensorFlow's op determinism, so that a resumed run ends with
+        weights bit-identical to an uninterrupted one.
     """
 
     optimizer: str = "adam"
@@ -69,11 +80,16 @@ class TrainerOptions:
     cpu_replicas: int = 0
     mixed_precision: str | None = None
     jit_compile: bool = False
+    checkpoint_every: int = 1000
+    resume_from: str | None = None
+    export_dir: str | None = None
+    deterministic: bool = False
 
     def __post_init__(self):
         for name in ("batch_size", "train_steps", "steps_per_loop"):
             _integer(name, getattr(self, name), 1)
         _integer("eval_every", self.eval_every, 0)
+        _integer("checkpoint_every", self.checkpoint_every, 0)
         _integer("seed", self.seed, 0, 2**32 - 1)
         lr = self.learning_rate
         if (
@@ -105,6 +121,20 @@ def make_optimizer(name: str, learning_rate: Any) -> keras.optimizers.Optimizer:
     if name not in OPTIMIZERS:
         raise ConfigError(f"`optimizer` ({name!r}) must be one of {', '.join(OPTIMIZERS)}.")
     return keras.optimizers.get({"class_name": name, "config": {"learning_rate": learning_rate}})
+
+
+class Preempted(Exception):
+    """`train()` saved a checkpoint on SIGTERM and stopped; rerunning resumes.
+
+    Attributes:
+      step: the step saved.
+    """
+
+    EXIT_STATUS = 42  # the CLI's exit status, as TensorFlow's PreemptionCheckpointHandler
+
+    def __init__(self, step: int, path: str):
+        super().__init__(f"Preempted (SIGTERM): saved step {step} to {path}; rerun to resume.")
+        self.step = step
 
 
 class Trainer:
@@ -198,6 +228,8 @@ class Trainer:
         """
         if self._model is not None:
             return
+        if self.options.deterministic:
+            tf.config.experimental.enable_op_determinism()
         keras.utils.set_random_seed(self.options.seed)
         with self.strategy.scope():
             model = self._build_model_with_policy()
@@ -225,6 +257,7 @@ class Trainer:
         )
         self._loss_sums = tf.Variable(tf.zeros([len(self.loss_names)]), trainable=False)
         self._loss_count = tf.Variable(0.0, trainable=False)
+        self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         step = self.train_step
         if self.options.jit_compile:
             step = tf.function(step, jit_compile=True)
@@ -359,9 +392,12 @@ class Trainer:
     def _train_steps(self, iterator: Any, num_steps: tf.Tensor) -> None:
         for _ in tf.range(num_steps):
             per_replica = self.strategy.run(self._replica_step, args=(next(iterator),))
-            losses = self._reduce_losses(per_replica)
-            self._loss_sums.assign_add(tf.stack(losses))
+            losses = tf.stack(self._reduce_losses(per_replica))
+            self._loss_sums.assign_add(losses)
             self._loss_count.assign_add(1.0)
+            self._step.assign_add(1)
+            if not tf.reduce_all(tf.math.is_finite(losses)):
+                break  # `train` names the term; the weights are not saved
 
     def _reduce_losses(self, per_replica: list[Any]) -> list[tf.Tensor]:
         """Global values: total and data loss summed over replicas (each holds its share of
@@ -414,56 +450,121 @@ class Trainer:
         return {name: float(v) for name, v in zip(self.loss_names, means)}
 
     def train(self) -> dict[str, Any]:
-        """Trains for `options.train_steps` steps, evaluating as `options.eval_every` says.
+        """Trains to `options.train_steps`, resuming from `model_dir`'s checkpoint if any.
+
+        Evaluates as `options.eval_every` says, checkpoints as `options.checkpoint_every`
+        says, and on SIGTERM saves and raises `Preempted`. A run already at `train_steps` is
+        evaluated, not retrained.
 
         Returns:
           `{"step", "steps_per_sec", "train": {loss breakdown, mean of the last loop},
           "eval": {metrics at the end}, "history": [eval results by step]}`.
+
+        Raises:
+          FloatingPointError: a loss term or weight became non-finite (the message names the
+            step and the term); nothing non-finite is saved.
+          Preempted: SIGTERM arrived; a checkpoint was saved.
+          ConfigError: `model_dir` is unwritable, or holds another task's or model's run.
         """
         opts = self.options
         model_dir = self._prepare_model_dir()
         self.model  # noqa: B018
-        iterator = iter(self.distribute(self.train_dataset()))
+        checkpointer = self._checkpointer(model_dir) if model_dir else None
+        dataset = self.train_dataset()
+        # A distributed iterator cannot be checkpointed: it is rebuilt past the restored step.
+        iterator = iter(dataset) if is_default(self.strategy) else None
+        if checkpointer and iterator is not None:
+            checkpointer.track("iterator", iterator)
+        if checkpointer and checkpointer.restore(opts.resume_from):
+            self.step = int(self._step.numpy())
+        if iterator is None:
+            iterator = iter(self.distribute(dataset.skip(self.step)))
+        if self.step >= opts.train_steps:
+            logging.info("Already at step %d of %d: not training.", self.step, opts.train_steps)
+        with _sigterm_flag() as preempted:
+            result = self._train_loops(iterator, checkpointer, preempted)
+        if checkpointer:
+            checkpointer.close()
+        if opts.export_dir and is_chief(self.strategy):
+            self.model.export(opts.export_dir, verbose=False)
+        if model_dir and is_chief(self.strategy):
+            with open(os.path.join(model_dir, "results.json"), "w") as f:
+                json.dump(result, f, indent=2)
+        return result
+
+    def _checkpointer(self, model_dir: str) -> Checkpointer:
+        objects = {
+            "optimizer_variables": list(self.optimizer.variables),
+            "step": self._step,
+            "penalty_strengths": [
+                v
+                for p in self.penalties
+                for v in p.__dict__.get("_strength_variables", {}).values()
+            ],
+        }
+        return Checkpointer(
+            model_dir,
+            task=self.registered_name or type(self).__name__,
+            model_variables=list(self.model.variables),
+            objects=objects,
+            chief=is_chief(self.strategy),
+        )
+
+    def _next_stop(self) -> int:
+        """The step the next loop ends at: cut short at eval and checkpoint boundaries."""
+        opts = self.options
+        stop = min(self.step + opts.steps_per_loop, opts.train_steps)
+        for every in (opts.eval_every, opts.checkpoint_every if opts.model_dir else 0):
+            if every:
+                stop = min(stop, (self.step // every + 1) * every)
+        return stop
+
+    def _train_loops(self, iterator: Any, checkpointer: Checkpointer | None, preempted) -> dict:
+        opts = self.options
         train_logs: dict[str, float] = {}
         eval_logs: dict[str, float] = {}
         history = []
         start, start_step = time.perf_counter(), self.step
         while self.step < opts.train_steps:
-            num_steps = min(opts.steps_per_loop, opts.train_steps - self.step)
-            if opts.eval_every:
-                num_steps = min(num_steps, opts.eval_every - self.step % opts.eval_every)
-            loop_start = time.perf_counter()
-            self._train_loop(iterator, tf.constant(num_steps, tf.int32))
+            loop_start, loop_first = time.perf_counter(), self.step
+            self._train_loop(iterator, tf.constant(self._next_stop() - self.step, tf.int32))
             train_logs = self._take_mean_losses()
-            self.step += num_steps
-            rate = num_steps / (time.perf_counter() - loop_start)
+            self.step = int(self._step.numpy())
             self._check_finite(train_logs)
+            rate = (self.step - loop_first) / (time.perf_counter() - loop_start)
             logging.info("step %d  %.1f steps/s  %s", self.step, rate, format_losses(train_logs))
             done = self.step >= opts.train_steps
+            if checkpointer and (
+                done
+                or preempted.is_set()
+                or (opts.checkpoint_every and self.step % opts.checkpoint_every == 0)
+            ):
+                path = checkpointer.save(self.step)
+                if preempted.is_set() and not done:
+                    raise Preempted(self.step, path)
             if done or (opts.eval_every and self.step % opts.eval_every == 0):
                 eval_logs = self.evaluate()
                 if eval_logs:
                     history.append({"step": self.step, **eval_logs})
                     logging.info("eval at step %d  %s", self.step, format_losses(eval_logs))
+        if not eval_logs and self.step >= opts.train_steps:
+            eval_logs = self.evaluate()
         elapsed = time.perf_counter() - start
-        result = {
+        return {
             "step": self.step,
             "steps_per_sec": (self.step - start_step) / elapsed if elapsed > 0 else 0.0,
             "train": train_logs,
             "eval": eval_logs,
             "history": history,
         }
-        if model_dir and is_chief(self.strategy):
-            with open(os.path.join(model_dir, "results.json"), "w") as f:
-                json.dump(result, f, indent=2)
-        return result
 
     def _check_finite(self, logs: dict[str, float]) -> None:
         bad = [name for name, value in logs.items() if name != "loss" and not math.isfinite(value)]
         if bad or not math.isfinite(logs.get("loss", 0.0)):
             raise FloatingPointError(
-                f"Non-finite loss by step {self.step}: "
+                f"Non-finite loss at step {self.step}: "
                 + ", ".join(f"{n}={logs[n]}" for n in (bad or ["loss"]))
+                + "; the last checkpoint, if any, is from before it."
             )
 
     def _prepare_model_dir(self) -> str | None:
@@ -479,6 +580,23 @@ class Trainer:
         except OSError as e:
             raise ConfigError(f"`model_dir` ({model_dir!r}) is not writable: {e.strerror}.") from e
         return model_dir
+
+
+@contextlib.contextmanager
+def _sigterm_flag() -> Iterator[threading.Event]:
+    """An Event set on SIGTERM while the block runs; the previous handler is restored after.
+
+    Outside the main thread (where Python cannot install handlers) the event is never set.
+    """
+    event = threading.Event()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
+    try:
+        yield event
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _float32(outputs: Any) -> Any:

@@ -1,0 +1,843 @@
+"""tapeloop vs a hand-written GradientTape loop vs `model.fit`: steps/s, overheads, FLOP floor.
+
+Usage (from the repository root, with the project installed):
+
+    TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/compare.py            # ~5 min on 2 CPU cores
+    TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/compare.py --quick    # ~1 min smoke run
+    TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/compare.py --repeats 7 --workloads seed_mlp
+
+Everything runs in one process. Each workload (the seed MLP 784-64-10, a compute-bound MLP
+784-1024-1024-10, a small CNN on 32x32x3) gets the same model, random in-memory data and
+optimizer (Adam, lr 1e-3) in every variant:
+
+  hand_loop       the seed article's Example 3, corrected: a `@tf.function` GradientTape step
+                  called once per batch from Python over a tf.data iterator
+  hand_loop_100   the same step, 100 steps per call (`tf.range` over the iterator in one
+                  tf.function): the reference for tapeloop's overhead at equal steps per call
+  fit             `compile(Adam, SparseCategoricalCrossentropy(from_logits=True))`, `fit`
+  fit_spe100      the same with `steps_per_execution=100`
+  tapeloop        a `trainer.Trainer` with default options (steps_per_loop=100)
+  tapeloop_spl    tapeloop with steps_per_loop = all timed steps in one call, no XLA
+  tapeloop_fast   tapeloop with its fastest existing options: steps_per_loop = all timed steps,
+                  jit_compile=True (fields checked at run time with `dataclasses.fields`)
+
+On the seed MLP also: tapeloop (100 steps per call) with each penalty (L2, SelectiveL2,
+DecoupledWeightDecay, L2 + DecoupledWeightDecay), and diagnostic variants (`--no-diagnostics`
+skips them) that add tapeloop's extra work to `hand_loop_100` one piece at a time, to locate
+its overhead. A `matmul` pseudo-variant (a 2048x2048 float32 matmul chain inside a tf.function,
+plain and XLA-compiled) measures the sustained GFLOP/s for the "time over FLOP floor" column.
+
+Timing: every variant is built once and warmed up (its first call, which traces and compiles,
+is reported separately), then the rounds run round-robin, the variant order rotated each
+round, so that machine noise hits every variant alike. Each round times `--steps` (per
+workload) steps per variant. Ratios are medians of per-round (paired) ratios.
+
+tapeloop is timed through its public `train()`: one Trainer per variant, built and traced
+once; each timed repetition sets `trainer.options = dataclasses.replace(options,
+train_steps=trainer.step + K)` and calls `train()` again, which continues from the current
+step on a fresh iterator, exactly like another `fit` call. A fresh Trainer per repetition
+would retrace the step every time (1-4 s, more than the timed steps themselves). The timing
+therefore includes `train()`'s per-call Python work (iterator creation, loss read-back, log
+formatting, the end-of-training `evaluate()`), as `fit`'s timing includes its callbacks. The
+diagnostic `tapeloop_loop_only` calls the private `trainer._train_loop(iterator, n)` directly
+to separate that Python work from the in-graph loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import trainer
+from trainer import L2, DecoupledWeightDecay, SelectiveL2, Trainer, TrainerOptions
+
+LEARNING_RATE = 1e-3
+NUM_CLASSES = 10
+MATMUL_N = 2048
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# ---- workloads -----------------------------------------------------------------------------
+
+
+def seed_mlp() -> keras.Model:
+    return keras.Sequential(
+        [
+            keras.Input((784,)),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(NUM_CLASSES),
+        ]
+    )
+
+
+def big_mlp() -> keras.Model:
+    return keras.Sequential(
+        [
+            keras.Input((784,)),
+            keras.layers.Dense(1024, activation="relu"),
+            keras.layers.Dense(1024, activation="relu"),
+            keras.layers.Dense(NUM_CLASSES),
+        ]
+    )
+
+
+def small_cnn() -> keras.Model:
+    return keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Conv2D(32, 3, activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(64, 3, activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dense(NUM_CLASSES),
+        ]
+    )
+
+
+@dataclasses.dataclass
+class Workload:
+    name: str
+    title: str
+    build_model: Callable[[], keras.Model]
+    input_shape: tuple[int, ...]
+    batch_size: int
+    examples: int
+    steps: int  # timed steps per variant per round
+    repeats: int
+    penalties: bool = False  # the penalty-overhead variants
+    diagnostics: bool = False  # the hand-loop variants that mimic tapeloop
+    matmul_calls: int = 3  # 2048^2 matmuls per timed matmul repetition
+    dataset: tf.data.Dataset | None = None
+    load: tuple[float, float] = (0.0, 0.0)  # 1-minute load average before and after timing
+
+    @property
+    def steps_per_call(self) -> int:
+        """100 steps per tf.function call, or all the timed steps if fewer."""
+        return min(100, self.steps)
+
+    def make_dataset(self) -> tf.data.Dataset:
+        """Random features and int labels in [0, 10), pre-batched in memory, repeated.
+
+        The data are sliced into whole batches up front, so that the input pipeline costs
+        one slice per step (no per-example batching) and the loops, not tf.data, are timed.
+        """
+        rng = np.random.default_rng(0)
+        n = self.examples // self.batch_size
+        x = rng.standard_normal((n, self.batch_size, *self.input_shape), dtype=np.float32)
+        y = rng.integers(0, NUM_CLASSES, (n, self.batch_size), dtype=np.int32)
+        return tf.data.Dataset.from_tensor_slices((x, y)).repeat().prefetch(tf.data.AUTOTUNE)
+
+
+def forward_macs(model: keras.Model) -> int:
+    """Multiply-accumulates of one example's forward pass: Dense and Conv2D layers only."""
+    macs = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Dense):
+            macs += layer.kernel.shape[0] * layer.kernel.shape[1]
+        elif isinstance(layer, keras.layers.Conv2D):
+            kh, kw, cin, cout = layer.kernel.shape
+            _, oh, ow, _ = layer.output.shape
+            macs += oh * ow * cout * kh * kw * cin
+    return macs
+
+
+def train_flops(workload: Workload) -> tuple[int, int]:
+    """(forward MACs per example, FLOPs per training step = 3 · 2 · MACs · batch)."""
+    macs = forward_macs(workload.build_model())
+    return macs, 3 * 2 * macs * workload.batch_size
+
+
+# ---- variants ------------------------------------------------------------------------------
+
+
+def sync(model: keras.Model) -> None:
+    """Waits for the step's updates: reads one weight back."""
+    model.trainable_variables[-1].numpy()
+
+
+class Variant:
+    """Something that runs training steps; `run(n)` returns when they are done."""
+
+    group = "main"
+    steps_per_call = 1
+    note = ""
+    model: keras.Model | None = None
+
+    def __init__(self, name: str, workload: Workload):
+        self.name = name
+        self.workload = workload
+
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def run(self, n: int) -> None:
+        raise NotImplementedError
+
+    def tracing_count(self) -> int | None:
+        return None
+
+    def loop_ops(self) -> int | None:
+        """Graph ops in one iteration of the in-graph loop (before Grappler), when there is one."""
+        return None
+
+
+def new_optimizer() -> keras.optimizers.Optimizer:
+    return keras.optimizers.Adam(LEARNING_RATE)
+
+
+class HandLoop(Variant):
+    """The corrected Example 3 step, called once per batch or `per_call` times in one call.
+
+    `extras` adds tapeloop's work one piece at a time (diagnostics):
+      strategy_run: the step runs through `strategy.run` of the default strategy, its losses
+        through `strategy.reduce` (as `Trainer._train_steps` does);
+      loss_path: tapeloop's loss: outputs cast to float32, per-example losses from
+        `keras.losses.sparse_categorical_crossentropy`, `tf.nn.compute_average_loss`,
+        a zero penalty through `tf.nn.scale_regularization_loss`;
+      accumulate: `[total, data_loss]` stacked and added to a `tf.Variable` each step, a
+        float count and an int64 step counter variable incremented;
+      finite_break: the loop ends early (`break`) when a loss is not finite (checked each step).
+    """
+
+    def __init__(self, name, workload, per_call=1, extras=(), group="main", note=""):
+        super().__init__(name, workload)
+        self.steps_per_call = per_call
+        self.extras = frozenset(extras)
+        self.group = group
+        self.note = note
+
+    def build(self) -> None:
+        keras.utils.set_random_seed(0)
+        self.model = model = self.workload.build_model()
+        variables = model.trainable_variables
+        optimizer = new_optimizer()
+        optimizer.build(variables)
+        loss_object = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        extras = self.extras
+        strategy = tf.distribute.get_strategy()
+        if "accumulate" in extras:
+            self.sums = tf.Variable(tf.zeros([2]), trainable=False)
+            self.count = tf.Variable(0.0, trainable=False)
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+        def step(images, labels):
+            with tf.GradientTape() as tape:
+                if "loss_path" in extras:
+                    logits = tf.cast(model(images, training=True), tf.float32)
+                    per_example = tf.cast(
+                        keras.losses.sparse_categorical_crossentropy(
+                            labels, logits, from_logits=True
+                        ),
+                        tf.float32,
+                    )
+                    data_loss = tf.nn.compute_average_loss(per_example)
+                    loss = data_loss + tf.nn.scale_regularization_loss(tf.constant(0.0))
+                else:
+                    data_loss = loss = loss_object(labels, model(images, training=True))
+            gradients = tape.gradient(loss, variables)
+            optimizer.apply_gradients(zip(gradients, variables))
+            return [loss, data_loss]
+
+        def one_step(images, labels):
+            if "strategy_run" in extras:
+                losses = strategy.run(step, args=(images, labels))
+                losses = [strategy.reduce(tf.distribute.ReduceOp.SUM, t, axis=None) for t in losses]
+            else:
+                losses = step(images, labels)
+            losses = tf.stack(losses)
+            if "accumulate" in extras:
+                self.sums.assign_add(losses)
+                self.count.assign_add(1.0)
+                self.step.assign_add(1)
+            return losses
+
+        if self.steps_per_call == 1:
+            self.fn = tf.function(one_step)
+        else:
+
+            def loop(iterator, num_steps):
+                for _ in tf.range(num_steps):
+                    images, labels = next(iterator)
+                    losses = one_step(images, labels)
+                    if "finite_break" in extras:
+                        if not tf.reduce_all(tf.math.is_finite(losses)):
+                            break
+
+            self.fn = tf.function(loop)
+
+    def run(self, n: int) -> None:
+        iterator = iter(self.workload.dataset)
+        if self.steps_per_call == 1:
+            for _ in range(n):
+                images, labels = next(iterator)
+                self.fn(images, labels)
+        else:
+            calls, rest = divmod(n, self.steps_per_call)
+            for k in [self.steps_per_call] * calls + ([rest] if rest else []):
+                self.fn(iterator, tf.constant(k, tf.int32))
+        sync(self.model)
+
+    def tracing_count(self) -> int:
+        return self.fn.experimental_get_tracing_count()
+
+    def loop_ops(self) -> int | None:
+        if self.steps_per_call == 1:
+            return None
+        concrete = self.fn.get_concrete_function(
+            iter(self.workload.dataset), tf.constant(1, tf.int32)
+        )
+        return while_body_ops(concrete)
+
+
+class Fit(Variant):
+    def __init__(self, name, workload, steps_per_execution=1):
+        super().__init__(name, workload)
+        self.steps_per_execution = self.steps_per_call = steps_per_execution
+
+    def build(self) -> None:
+        keras.utils.set_random_seed(0)
+        self.model = self.workload.build_model()
+        self.model.compile(
+            optimizer=new_optimizer(),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            steps_per_execution=self.steps_per_execution,
+        )
+        self.note = f"compile(jit_compile='auto') -> {self.model.jit_compile}"
+
+    def run(self, n: int) -> None:
+        self.model.fit(self.workload.dataset, steps_per_epoch=n, epochs=1, verbose=0)
+
+    def tracing_count(self) -> int | None:
+        function = getattr(self.model, "train_function", None)
+        count = getattr(function, "experimental_get_tracing_count", None)
+        return count() if count else None
+
+
+class BenchTask(Trainer):
+    """A tapeloop task on a workload's model and data; per-example sparse cross-entropy."""
+
+    def __init__(self, workload: Workload, options: TrainerOptions, penalties=()):
+        self.workload = workload
+        super().__init__(options, penalties=penalties)
+
+    def build_model(self) -> keras.Model:
+        return self.workload.build_model()
+
+    def train_dataset(self) -> tf.data.Dataset:
+        return self.workload.dataset
+
+    def compute_loss(self, labels, outputs):
+        return keras.losses.sparse_categorical_crossentropy(labels, outputs, from_logits=True)
+
+
+def option_fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(TrainerOptions)}
+
+
+class Tapeloop(Variant):
+    """A `BenchTask` timed through `train()` (see the module docstring), or `_train_loop`."""
+
+    def __init__(self, name, workload, options=None, penalties=list, group="main", loop_only=False):
+        super().__init__(name, workload)
+        self.extra_options = {k: v for k, v in (options or {}).items() if k in option_fields()}
+        self.penalty_factory = penalties
+        self.group = group
+        self.loop_only = loop_only
+
+    def build(self) -> None:
+        options = TrainerOptions(
+            batch_size=self.workload.batch_size,
+            train_steps=1,
+            learning_rate=LEARNING_RATE,
+            optimizer="adam",
+            **self.extra_options,
+        )
+        self.steps_per_call = options.steps_per_loop
+        self.trainer = BenchTask(self.workload, options, penalties=self.penalty_factory())
+        self.model = self.trainer.model  # builds: model, optimizer, penalties, tf.functions
+        self.note = ", ".join(f"{k}={v}" for k, v in self.extra_options.items()) or "defaults"
+        if self.trainer.penalties:
+            self.note = " + ".join(repr(p) for p in self.trainer.penalties)
+
+    def run(self, n: int) -> None:
+        t = self.trainer
+        if self.loop_only:
+            iterator = iter(self.workload.dataset)
+            calls, rest = divmod(n, self.steps_per_call)
+            for k in [self.steps_per_call] * calls + ([rest] if rest else []):
+                t._train_loop(iterator, tf.constant(k, tf.int32))
+            sync(self.model)
+            return
+        t.options = dataclasses.replace(t.options, train_steps=t.step + n)
+        t.train()
+
+    def tracing_count(self) -> int | None:
+        function = getattr(self.trainer, "_train_loop", None)
+        count = getattr(function, "experimental_get_tracing_count", None)
+        return count() if count else None
+
+    def loop_ops(self) -> int | None:
+        function = getattr(self.trainer, "_train_loop", None)
+        if not hasattr(function, "get_concrete_function"):
+            return None
+        concrete = function.get_concrete_function(
+            iter(self.workload.dataset), tf.constant(1, tf.int32)
+        )
+        return while_body_ops(concrete)
+
+
+class Matmul(Variant):
+    """A chain of 2048x2048 float32 matmuls in a `tf.range` loop inside one tf.function."""
+
+    group = "matmul"
+
+    def __init__(self, name, workload, jit_compile=False):
+        super().__init__(name, workload)
+        self.jit_compile = jit_compile
+        self.note = "XLA" if jit_compile else "plain tf.function"
+
+    def build(self) -> None:
+        rng = np.random.default_rng(1)
+        a = tf.constant(rng.standard_normal((MATMUL_N, MATMUL_N), dtype=np.float32))
+        w = tf.constant(
+            (rng.standard_normal((MATMUL_N, MATMUL_N)) / np.sqrt(MATMUL_N)).astype(np.float32)
+        )
+
+        if self.jit_compile:
+            # XLA compiles the loop body; the while loop itself runs in TF.
+            matmul = tf.function(lambda x: tf.matmul(x, w), jit_compile=True)
+        else:
+            matmul = lambda x: tf.matmul(x, w)  # noqa: E731
+
+        @tf.function
+        def chain(n):
+            x = a
+            for _ in tf.range(n):
+                x = matmul(x)  # each matmul depends on the last: nothing to fold or skip
+            return x[0, 0]
+
+        self.fn = chain
+
+    def run(self, n: int) -> None:
+        self.fn(tf.constant(n, tf.int32)).numpy()
+
+
+def while_body_ops(concrete) -> int | None:
+    """Nodes in the body of the first While loop of a concrete function's graph, counting
+    the nodes of functions it calls (recursively); before Grappler's rewrites."""
+    graph_def = concrete.graph.as_graph_def()
+    library = {f.signature.name: f for f in graph_def.library.function}
+    body = None
+    for node in graph_def.node:
+        if node.op in ("While", "StatelessWhile"):
+            body = node.attr["body"].func.name
+            break
+    if body is None:
+        return None
+
+    def count(name: str, seen: tuple[str, ...] = ()) -> int:
+        if name not in library or name in seen:
+            return 0
+        total = 0
+        for node in library[name].node_def:
+            total += 1
+            if node.op in library:
+                total += count(node.op, (*seen, name))
+            for value in node.attr.values():
+                if value.HasField("func"):
+                    total += count(value.func.name, (*seen, name))
+        return total
+
+    return count(body)
+
+
+# ---- measuring -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Result:
+    variant: Variant
+    first_call_s: float = 0.0
+    rates: list[float] = dataclasses.field(default_factory=list)  # steps/s per round
+    traces_after_warmup: int | None = None
+    traces_after_timing: int | None = None
+    loop_ops: int | None = None
+    error: str | None = None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.rates)
+
+
+def variants_for(w: Workload, diagnostics: bool) -> list[Variant]:
+    spc = w.steps_per_call
+    fields = option_fields()
+    fast = {"steps_per_loop": w.steps}
+    if "jit_compile" in fields:
+        fast["jit_compile"] = True
+    variants: list[Variant] = [
+        HandLoop("hand_loop", w, per_call=1),
+        HandLoop("hand_loop_100", w, per_call=spc),
+        Fit("fit", w, steps_per_execution=1),
+        Fit("fit_spe100", w, steps_per_execution=spc),
+        Tapeloop("tapeloop", w, options={"steps_per_loop": spc}),
+        Tapeloop("tapeloop_spl", w, options={"steps_per_loop": w.steps}),
+        Tapeloop("tapeloop_fast", w, options=fast),
+    ]
+    if w.penalties:
+        for name, make in (
+            ("pen_l2", lambda: [L2(1e-4)]),
+            ("pen_selective_l2", lambda: [SelectiveL2(1e-4, exclude="bias")]),
+            ("pen_decoupled_wd", lambda: [DecoupledWeightDecay(1e-2)]),
+            ("pen_l2+decoupled_wd", lambda: [L2(1e-4), DecoupledWeightDecay(1e-2)]),
+        ):
+            variants.append(
+                Tapeloop(name, w, options={"steps_per_loop": spc}, penalties=make, group="penalty")
+            )
+    if diagnostics and w.diagnostics:
+        variants += [
+            Tapeloop(
+                "tapeloop_loop_only",
+                w,
+                options={"steps_per_loop": spc},
+                group="diagnostic",
+                loop_only=True,
+            ),
+            HandLoop(
+                "hand_100+run",
+                w,
+                per_call=spc,
+                extras={"strategy_run"},
+                group="diagnostic",
+                note="+ strategy.run / strategy.reduce (default strategy)",
+            ),
+            HandLoop(
+                "hand_100+run+loss",
+                w,
+                per_call=spc,
+                extras={"strategy_run", "loss_path"},
+                group="diagnostic",
+                note="+ tapeloop's loss path (cast, per-example, compute_average_loss)",
+            ),
+            HandLoop(
+                "hand_100+run+loss+acc",
+                w,
+                per_call=spc,
+                extras={"strategy_run", "loss_path", "accumulate"},
+                group="diagnostic",
+                note="+ loss sums, count, int64 step accumulated in tf.Variables",
+            ),
+            HandLoop(
+                "hand_100+all+break",
+                w,
+                per_call=spc,
+                extras={"strategy_run", "loss_path", "accumulate", "finite_break"},
+                group="diagnostic",
+                note="+ `if not all(isfinite(losses)): break` each step",
+            ),
+        ]
+    variants += [Matmul("matmul", w), Matmul("matmul_xla", w, jit_compile=True)]
+    return variants
+
+
+def steps_for(result: Result) -> int:
+    v = result.variant
+    return v.workload.matmul_calls if isinstance(v, Matmul) else v.workload.steps
+
+
+def measure_workload(w: Workload, diagnostics: bool, log: Callable[[str], None]) -> list[Result]:
+    w.dataset = w.make_dataset()
+    results = [Result(v) for v in variants_for(w, diagnostics)]
+    log(f"[{w.name}] building and warming up {len(results)} variants")
+    for r in results:
+        v = r.variant
+        try:
+            v.build()
+            first = v.steps_per_call if not isinstance(v, Matmul) else 1
+            start = time.perf_counter()
+            v.run(first)  # traces / compiles
+            r.first_call_s = time.perf_counter() - start
+            if isinstance(v, Matmul) or v.steps_per_call < w.steps:
+                v.run(first)  # one more call: anything lazily built on the first is built
+            r.traces_after_warmup = v.tracing_count()
+            r.loop_ops = v.loop_ops()
+        except Exception as e:  # a variant that breaks is reported, the others still run
+            r.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log(f"  {v.name}: FAILED in warm-up: {r.error}")
+    live = [r for r in results if r.error is None]
+    load_before = os.getloadavg()[0]
+    for round_index in range(w.repeats):
+        shift = round_index % len(live)
+        order = live[shift:] + live[:shift]  # rotated: no variant always first or last
+        for r in order:
+            steps = steps_for(r)
+            start = time.perf_counter()
+            r.variant.run(steps)
+            r.rates.append(steps / (time.perf_counter() - start))
+        log(f"[{w.name}] round {round_index + 1}/{w.repeats} done")
+    w.load = (load_before, os.getloadavg()[0])
+    for r in live:
+        r.traces_after_timing = r.variant.tracing_count()
+    return results
+
+
+# ---- reporting -----------------------------------------------------------------------------
+
+
+def paired_ratio(a: Result, b: Result) -> float:
+    """Median over rounds of a's steps/s / b's steps/s in the same round."""
+    return statistics.median(x / y for x, y in zip(a.rates, b.rates))
+
+
+def paired_overhead(a: Result, b: Result) -> tuple[float, float, float]:
+    """Step-time overhead of a over b in %, median and range over rounds."""
+    values = sorted((y / x - 1.0) * 100.0 for x, y in zip(a.rates, b.rates))
+    return statistics.median(values), values[0], values[-1]
+
+
+def fmt_rate(x: float) -> str:
+    return f"{x:.1f}" if x < 100 else f"{x:.0f}"
+
+
+def report_workload(w: Workload, results: list[Result], print_=print) -> dict[str, Any]:
+    by_name = {r.variant.name: r for r in results if r.error is None}
+    macs, flops = train_flops(w)
+    gflops = {}
+    for name in ("matmul", "matmul_xla"):
+        if name in by_name:
+            per_call = 2 * MATMUL_N**3
+            gflops[name] = by_name[name].median * per_call / 1e9
+    sustained = max(gflops.values()) if gflops else float("nan")
+    floor_s = flops / (sustained * 1e9)
+    print_()
+    print_(f"=== {w.title}: batch {w.batch_size}, {w.steps} timed steps x {w.repeats} rounds ===")
+    print_(
+        f"FLOPs/step = 3 x 2 x forward MACs/example x batch = 6 x {macs:,} x {w.batch_size} "
+        f"= {flops / 1e9:.3f} GFLOP (Dense+Conv only; an upper estimate: the first layer's "
+        "input gradient is not computed)"
+    )
+    print_(
+        "sustained matmul (2048^2 float32, median): "
+        + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in gflops.items())
+        + f"; floor uses {sustained:.1f} GFLOP/s -> {floor_s * 1e3:.3f} ms/step"
+    )
+    print_(
+        f"1-minute load average before / after the timed rounds: {w.load[0]:.2f} / "
+        f"{w.load[1]:.2f} (this process alone adds about 1-2 on 2 cores)"
+    )
+    fit, fit100 = by_name.get("fit"), by_name.get("fit_spe100")
+    header = (
+        f"{'variant':<22}{'steps/call':>10}{'first call s':>13}{'~trace s':>9}"
+        f"{'steps/s med':>12}{'[min .. max]':>18}{'ms/step':>9}{'x fit':>7}{'x spe100':>9}"
+        f"{'x floor':>8}{'ops/step':>9}  notes"
+    )
+    print_(header)
+    print_("-" * len(header))
+    for r in results:
+        v = r.variant
+        if isinstance(v, Matmul):
+            continue
+        if r.error:
+            print_(f"{v.name:<22}  FAILED: {r.error}")
+            continue
+        med = r.median
+        trace = r.first_call_s - v.steps_per_call / med
+        spread = f"[{fmt_rate(min(r.rates))} .. {fmt_rate(max(r.rates))}]"
+        notes = [v.note] if v.note else []
+        if (
+            r.traces_after_timing is not None
+            and r.traces_after_warmup is not None
+            and r.traces_after_timing != r.traces_after_warmup
+        ):
+            notes.append(
+                f"RETRACED during timing ({r.traces_after_warmup}->{r.traces_after_timing})"
+            )
+        print_(
+            f"{v.name:<22}{v.steps_per_call:>10}{r.first_call_s:>13.2f}{trace:>9.2f}"
+            f"{fmt_rate(med):>12}{spread:>18}"
+            f"{1e3 / med:>9.3f}"
+            f"{(paired_ratio(r, fit) if fit else float('nan')):>7.2f}"
+            f"{(paired_ratio(r, fit100) if fit100 else float('nan')):>9.2f}"
+            f"{(1.0 / med) / floor_s:>8.1f}"
+            f"{(str(r.loop_ops) if r.loop_ops is not None else '-'):>9}"
+            f"  {'; '.join(notes)}"
+        )
+    summary: dict[str, Any] = {"gflops": gflops}
+    lines = []
+
+    def overhead_line(label: str, a: str, b: str) -> None:
+        if a in by_name and b in by_name:
+            med, lo, hi = paired_overhead(by_name[b], by_name[a])
+            summary[f"{a} vs {b}"] = med
+            lines.append(f"  {label:<58}{med:+7.1f} %   (rounds: {lo:+.1f} .. {hi:+.1f})")
+
+    overhead_line(
+        "framework: tapeloop vs hand_loop_100 (same steps/call)", "tapeloop", "hand_loop_100"
+    )
+    overhead_line("tapeloop_spl vs hand_loop_100", "tapeloop_spl", "hand_loop_100")
+    overhead_line("tapeloop_fast vs hand_loop_100", "tapeloop_fast", "hand_loop_100")
+    overhead_line("tapeloop vs fit_spe100 (same steps/call)", "tapeloop", "fit_spe100")
+    overhead_line("hand_loop_100 vs fit_spe100", "hand_loop_100", "fit_spe100")
+    overhead_line("hand_loop (1 step/call) vs hand_loop_100", "hand_loop", "hand_loop_100")
+    for name in ("pen_l2", "pen_selective_l2", "pen_decoupled_wd", "pen_l2+decoupled_wd"):
+        overhead_line(f"penalty {name[4:]} vs none (tapeloop, 100 steps/call)", name, "tapeloop")
+    for name in (
+        "tapeloop_loop_only",
+        "hand_100+run",
+        "hand_100+run+loss",
+        "hand_100+run+loss+acc",
+        "hand_100+all+break",
+    ):
+        overhead_line(f"diagnostic {name} vs hand_loop_100", name, "hand_loop_100")
+    overhead_line(
+        "diagnostic tapeloop (train()) vs tapeloop_loop_only", "tapeloop", "tapeloop_loop_only"
+    )
+    overhead_line(
+        "diagnostic tapeloop_loop_only vs hand_100+all+break",
+        "tapeloop_loop_only",
+        "hand_100+all+break",
+    )
+    if lines:
+        print_("step-time overheads (positive = slower), medians of per-round pairs:")
+        for line in lines:
+            print_(line)
+    return summary
+
+
+# ---- subprocess timings --------------------------------------------------------------------
+
+
+def subprocess_timings(import_runs: int, print_=print) -> None:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    code = "import time;t=time.time();import trainer;print(time.time()-t)"
+    times = []
+    for _ in range(import_runs):
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True
+        )
+        if out.returncode != 0:
+            print_(f"import trainer FAILED: {out.stderr.strip().splitlines()[-1:]}")
+            break
+        times.append(float(out.stdout.strip().splitlines()[-1]))
+    if times:
+        print_(
+            f"import trainer (fresh subprocess, {len(times)} run(s)): median "
+            f"{statistics.median(times):.2f} s [{min(times):.2f} .. {max(times):.2f}]"
+        )
+    start = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-m", "trainer"], env=env, cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    wall = time.perf_counter() - start
+    tail = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
+    steps = next((ln for ln in reversed(tail) if "steps/s" in ln), "")
+    print_(
+        f"python -m trainer (default task, TF_CPP_MIN_LOG_LEVEL=2): wall {wall:.1f} s, "
+        f"exit {out.returncode}"
+        + (f"; last progress line: {steps.strip()[-110:]}" if steps else "")
+    )
+
+
+# ---- main ----------------------------------------------------------------------------------
+
+
+def workloads(quick: bool, repeats: int | None) -> list[Workload]:
+    if quick:
+        ws = [
+            Workload("seed_mlp", "seed MLP 784-64(relu)-10", seed_mlp, (784,), 128, 4096, 200, 2,
+                     penalties=True, diagnostics=True, matmul_calls=1),
+            Workload("big_mlp", "compute-bound MLP 784-1024-1024-10", big_mlp, (784,), 256,
+                     4096, 10, 1, matmul_calls=1),
+            Workload("cnn", "small CNN 32x32x3 Conv32-Pool-Conv64-Pool-Dense128-10", small_cnn,
+                     (32, 32, 3), 128, 2048, 10, 1, matmul_calls=1),
+        ]  # fmt: skip
+    else:
+        ws = [
+            Workload("seed_mlp", "seed MLP 784-64(relu)-10", seed_mlp, (784,), 128, 8192, 500, 5,
+                     penalties=True, diagnostics=True, matmul_calls=2),
+            Workload("big_mlp", "compute-bound MLP 784-1024-1024-10", big_mlp, (784,), 256,
+                     8192, 40, 3, matmul_calls=2),
+            Workload("cnn", "small CNN 32x32x3 Conv32-Pool-Conv64-Pool-Dense128-10", small_cnn,
+                     (32, 32, 3), 128, 4096, 30, 3, matmul_calls=2),
+        ]  # fmt: skip
+    if repeats:
+        for w in ws:
+            w.repeats = repeats
+    return ws
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="~1 minute smoke run")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds per workload")
+    parser.add_argument(
+        "--workloads", default="seed_mlp,big_mlp,cnn", help="comma-separated subset"
+    )
+    parser.add_argument("--no-diagnostics", action="store_true", help="skip diagnostic variants")
+    parser.add_argument(
+        "--no-subprocess", action="store_true", help="skip import / `python -m trainer` timings"
+    )
+    args = parser.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    chosen = set(args.workloads.split(","))
+    selected = [w for w in workloads(args.quick, args.repeats) if w.name in chosen]
+    unknown = chosen - {w.name for w in workloads(True, None)}
+    if unknown:
+        parser.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
+
+    t0 = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"  ... {time.perf_counter() - t0:6.1f} s  {message}", file=sys.stderr, flush=True)
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    print(
+        f"tapeloop benchmark: TF {tf.__version__}, Keras {keras.__version__}, Python "
+        f"{platform.python_version()}, {cpu}, {os.cpu_count()} CPUs, "
+        f"GPUs: {len(tf.config.list_physical_devices('GPU'))}"
+    )
+    print(f"trainer from {os.path.dirname(trainer.__file__)}; TrainerOptions fields: "
+          f"{', '.join(sorted(option_fields()))}")  # fmt: skip
+    print("optimizer Adam(1e-3), sparse CE from logits, random in-memory data (pre-batched)")
+    if not args.no_subprocess:
+        log("subprocess timings")
+        subprocess_timings(1 if args.quick else 3)
+    summaries = {}
+    for w in selected:
+        results = measure_workload(w, not args.no_diagnostics, log)
+        summaries[w.name] = report_workload(w, results)
+        del results
+        keras.backend.clear_session()
+    print()
+    print(
+        "x fit / x spe100: median per-round ratio of steps/s to fit / fit_spe100 (>1 = faster). "
+        "x floor: measured step time / (FLOPs per step / best sustained matmul GFLOP/s). "
+        "~trace s: first call minus its steps at the median rate. ops/step: graph ops in one "
+        "iteration of the in-graph loop, before Grappler."
+    )
+    print(f"total benchmark wall time {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

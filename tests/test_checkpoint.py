@@ -1,0 +1,216 @@
+"""Checkpoints: exact resume after SIGKILL, SIGTERM preemption, NaNs, foreign and damaged dirs."""
+
+import os
+import random
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+from array_task import ArrayTask, regression_data, small_model
+
+from trainer import ConfigError, Penalty, Preempted, TrainerOptions
+from trainer.checkpointing import Checkpointer
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_DIR = os.path.dirname(TESTS_DIR)
+TIMEOUT_S = 180
+
+
+def run_cli(model_dir, *flags, **env):
+    """`python -m trainer --task=resume_regression --deterministic ...`; returns the process."""
+    return subprocess.run(
+        [sys.executable, "-m", "trainer", "--import=ckpt_plugin", "--task=resume_regression",
+         "--deterministic", f"--model_dir={model_dir}", *flags],
+        cwd=REPO_DIR,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+             "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]), **env},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )  # fmt: skip
+
+
+def checkpoint_weights(model_dir):
+    """The model variables of the latest checkpoint in `model_dir`, in model order."""
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(model_dir))
+    names = sorted(
+        (n for n in reader.get_variable_to_shape_map() if n.startswith("model_variables/")),
+        key=lambda n: int(n.split("/")[1]),
+    )
+    return [reader.get_tensor(n) for n in names]
+
+
+class ResumeTest(tf.test.TestCase):
+    """Kill the CLI at a step, rerun the same command: the weights are those of an unbroken run."""
+
+    def setUp(self):
+        super().setUp()
+        self.root = self.create_tempdir().full_path
+        self.reference_dir = os.path.join(self.root, "unbroken")
+        done = run_cli(self.reference_dir)
+        self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+        self.reference = checkpoint_weights(self.reference_dir)
+
+    def assert_bit_identical(self, model_dir):
+        got = checkpoint_weights(model_dir)
+        self.assertLen(got, len(self.reference))
+        self.assertGreaterEqual(len(got), 7)  # 3 Dense layers x 2 + the dropout seed state
+        for a, b in zip(got, self.reference):
+            np.testing.assert_array_equal(a, b)
+
+    def test_sigkill_at_a_random_step_then_resume_is_bit_identical(self):
+        """Deterministic mode: SIGKILL at step 10k (k random), rerun, compare bit for bit."""
+        kill_at = 10 * random.Random().randint(1, 5)  # checkpoints are every 25 steps
+        model_dir = os.path.join(self.root, "killed")
+        killed = run_cli(model_dir, KILL_AT_STEP=str(kill_at))
+        self.assertEqual(killed.returncode, -9, msg=f"kill at {kill_at}: {killed.stderr[-2000:]}")
+        self.assertFalse(os.path.exists(os.path.join(model_dir, "results.json")))
+        resumed = run_cli(model_dir)
+        self.assertEqual(resumed.returncode, 0, resumed.stderr[-2000:])
+        if kill_at >= 25:
+            self.assertIn(f"ckpt-{kill_at // 25 * 25}", resumed.stderr)
+        self.assert_bit_identical(model_dir)
+        # Rerunning a finished run does not train again.
+        again = run_cli(model_dir)
+        self.assertIn("Already at step 60 of 60: not training.", again.stderr)
+        self.assert_bit_identical(model_dir)
+
+    def test_sigterm_saves_exits_42_and_resumes(self):
+        """SIGTERM at step 30: a checkpoint at the next loop boundary, exit 42, exact resume."""
+        model_dir = os.path.join(self.root, "preempted")
+        preempted = run_cli(model_dir, SIGTERM_AT_STEP="30")
+        self.assertEqual(preempted.returncode, 42, preempted.stderr[-2000:])
+        self.assertIn("trainer: Preempted (SIGTERM): saved step 35", preempted.stderr)
+        self.assertEqual(tf.train.latest_checkpoint(model_dir), os.path.join(model_dir, "ckpt-35"))
+        resumed = run_cli(model_dir)
+        self.assertEqual(resumed.returncode, 0, resumed.stderr[-2000:])
+        self.assert_bit_identical(model_dir)
+
+    def test_sigterm_under_mirrored_strategy(self):
+        """The same preemption with 2 mirrored replicas: saved, exit 42, resumed to the end."""
+        model_dir = os.path.join(self.root, "mirrored")
+        flags = ["--strategy=mirrored", "--cpu_replicas=2"]
+        preempted = run_cli(model_dir, *flags, SIGTERM_AT_STEP="20")
+        self.assertEqual(preempted.returncode, 42, preempted.stderr[-2000:])
+        self.assertIn("with 2 replica(s)", preempted.stderr)
+        resumed = run_cli(model_dir, *flags)
+        self.assertEqual(resumed.returncode, 0, resumed.stderr[-2000:])
+        self.assertIn("ckpt-25", resumed.stderr)
+        self.assertIn("step 60", resumed.stderr)
+
+
+class Poison(Penalty):
+    """A penalty that turns infinite from its `at`-th evaluation on (an exploding term)."""
+
+    def __init__(self, at):
+        super().__init__(name="poison")
+        self.at = at
+        self.calls = tf.Variable(0)
+
+    def loss(self, variables):
+        self.calls.assign_add(1)
+        return tf.where(self.calls >= self.at, np.inf, 0.0) + 0.0 * tf.add_n(
+            [tf.reduce_sum(v) for v in variables]
+        )
+
+
+class FailureTest(parameterized.TestCase, tf.test.TestCase):
+    def make_task(self, model_dir, x=None, y=None, **kwargs):
+        if x is None:
+            x, y = regression_data(n=64)
+        options = TrainerOptions(batch_size=8, train_steps=40, steps_per_loop=10,
+                                 checkpoint_every=10, model_dir=model_dir)  # fmt: skip
+        return ArrayTask(x, y, options, **kwargs)
+
+    def test_nan_in_data_names_data_loss_and_keeps_checkpoints_finite(self):
+        """A NaN example in batch 26: stop at step 26 naming data_loss; ckpt-20 is finite."""
+        model_dir = self.create_tempdir().full_path
+        x, y = regression_data(n=256)
+        x[25 * 8] = np.nan  # the first example of the 26th batch of 8 (step 26)
+        with self.assertRaisesRegex(FloatingPointError, r"at step 26: data_loss=nan"):
+            self.make_task(model_dir, x, y).train()
+        self.assertEqual(tf.train.latest_checkpoint(model_dir), os.path.join(model_dir, "ckpt-20"))
+        for w in checkpoint_weights(model_dir):
+            self.assertTrue(np.all(np.isfinite(w)))
+
+    def test_exploding_penalty_is_named(self):
+        model_dir = self.create_tempdir().full_path
+        task = self.make_task(model_dir, penalties=[Poison(at=13)])
+        with self.assertRaisesRegex(FloatingPointError, r"at step 13: penalty/poison=inf;"):
+            task.train()
+        self.assertEqual(tf.train.latest_checkpoint(model_dir), os.path.join(model_dir, "ckpt-10"))
+
+    def test_non_finite_weights_are_never_saved(self):
+        model_dir = self.create_tempdir().full_path
+        task = self.make_task(model_dir)
+        task.train()
+        checkpointer = task._checkpointer(model_dir)
+        task.model.layers[0].kernel.assign(np.full((4, 3), np.nan, np.float32))
+        with self.assertRaisesRegex(FloatingPointError, r"'net/hidden/kernel'; not saving"):
+            checkpointer.save(99)
+        self.assertEqual(tf.train.latest_checkpoint(model_dir), os.path.join(model_dir, "ckpt-40"))
+
+    def test_other_task_or_model_is_refused(self):
+        """A model_dir of another task, or of a differently shaped model: one clear line."""
+        model_dir = self.create_tempdir().full_path
+        self.make_task(model_dir).train()
+
+        class OtherTask(ArrayTask):
+            pass
+
+        with self.assertRaisesRegex(
+            ConfigError, r"holds a run of task 'ArrayTask', not 'OtherTask'"
+        ):
+            OtherTask(*regression_data(n=64), TrainerOptions(model_dir=model_dir)).train()
+
+        def wider():
+            return keras.Sequential([keras.Input((4,)), keras.layers.Dense(5, name="hidden"),
+                                     keras.layers.Dense(2, name="out")], name="net")  # fmt: skip
+
+        with self.assertRaisesRegex(
+            ConfigError, r"different model \(.*net/hidden/kernel: \[4, 3\] -> \[4, 5\]"
+        ):
+            self.make_task(model_dir, model_fn=wider).train()
+
+    def test_damaged_latest_checkpoint_is_reported_and_resume_from_works(self):
+        model_dir = self.create_tempdir().full_path
+        task = self.make_task(model_dir)
+        task.train()
+        data = os.path.join(model_dir, "ckpt-40.data-00000-of-00001")
+        with open(data, "r+b") as f:
+            f.truncate(os.path.getsize(data) // 2)
+        with self.assertRaisesRegex(
+            ConfigError, r"ckpt-40' is unreadable .*--resume_from=.*ckpt-30"
+        ):
+            self.make_task(model_dir).train()
+        resumed = ArrayTask(*regression_data(n=64), TrainerOptions(
+            batch_size=8, train_steps=40, steps_per_loop=10, checkpoint_every=10,
+            model_dir=model_dir, resume_from=os.path.join(model_dir, "ckpt-30")))  # fmt: skip
+        result = resumed.train()
+        self.assertEqual(result["step"], 40)
+        for a, b in zip(resumed.model.get_weights(), task.model.get_weights()):
+            self.assertAllClose(a, b, atol=1e-6)
+
+    def test_export_reloads_with_the_same_predictions(self):
+        root = self.create_tempdir().full_path
+        x, y = regression_data(n=64)
+        task = ArrayTask(x, y, TrainerOptions(batch_size=8, train_steps=10,
+                                              export_dir=os.path.join(root, "export")))  # fmt: skip
+        task.train()
+        reloaded = tf.saved_model.load(os.path.join(root, "export"))
+        self.assertAllClose(reloaded.serve(x), task.model(x), atol=1e-6)
+
+    def test_checkpoint_holds_every_model_variable(self):
+        """The model's variables are listed explicitly (Keras 3 misses some otherwise)."""
+        model_dir = self.create_tempdir().full_path
+        model = small_model()
+        Checkpointer(model_dir, task="t", model_variables=model.variables, objects={}).save(1)
+        self.assertLen(checkpoint_weights(model_dir), len(model.variables))
+        self.assertIsInstance(Preempted(3, "p"), Exception)
+
+
+if __name__ == "__main__":
+    tf.test.main()
