@@ -20,6 +20,7 @@ class Mnist(Trainer):
     """The seed article's MLP (784 -> 64 relu -> 10 logits) with sparse cross-entropy."""
 
     default_options: ClassVar[dict] = {"train_steps": 2000, "batch_size": 128, "eval_every": 1000}
+    sweep_metric = ("accuracy", "max")
     dataset_name = "mnist"
     download_host = "storage.googleapis.com"
 

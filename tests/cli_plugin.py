@@ -1,7 +1,8 @@
 """A user's plugin, written only against tapeloop's public API, loaded with `--import=cli_plugin`.
 
-It registers a task, `tiny_linear` (a Dense(1) linear regression on a fixed NumPy dataset,
-a few seconds of training), and a penalty, `l1_test` (`scale · Σ|w|`).
+It registers two tasks, `tiny_linear` (a Dense(1) linear regression on a fixed NumPy dataset,
+a few seconds of training) and `tiny_norm` (with a LayerNormalization, for `--describe`), and a
+penalty, `l1_test` (`scale · Σ|w|`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,25 @@ class TinyLinear(Trainer):
 
     def compute_loss(self, labels: tf.Tensor, outputs: tf.Tensor) -> tf.Tensor:
         return tf.reduce_mean(tf.square(labels - outputs), axis=-1)
+
+
+@register_task("tiny_norm")
+class TinyNorm(TinyLinear):
+    """3 features -> Dense(8) -> LayerNormalization -> Dense(1): biases and a norm layer.
+
+    Differs from TinyLinear only in its model, for `--describe`.
+    """
+
+    def build_model(self) -> keras.Model:
+        return keras.Sequential(
+            [
+                keras.Input((3,)),
+                keras.layers.Dense(8, name="hidden"),
+                keras.layers.LayerNormalization(name="norm"),
+                keras.layers.Dense(1, name="out"),
+            ],
+            name="tiny",
+        )
 
 
 @register_penalty("l1_test")

@@ -9,6 +9,7 @@ import tensorflow as tf
 from absl.testing import parameterized
 from array_task import small_model
 
+from tasks.example_penalties import L1, L2SP
 from trainer import L2, ConfigError, DecoupledWeightDecay, SelectiveL2, StepContext
 
 MODES = (("eager", False), ("tf_function", True))
@@ -142,6 +143,55 @@ class SelectiveL2IncludeTest(SelectiveL2ExcludeTest):
 
     def expected_selection(self):
         return ["net/hidden/kernel"]
+
+
+class L1Test(LossPenaltyTestBase):
+    """The L1 plugin example (`tasks/example_penalties.py`): `scale·Σ|w|`, gradient
+    `scale·sign(w)`."""
+
+    expected_repr = "L1(scale=0.001, exclude='norm')"
+
+    def make_penalty(self):
+        return L1(1e-3, exclude="norm")
+
+    def expected_selection(self):
+        return ["net/hidden/kernel", "net/hidden/bias", "net/out/kernel", "net/out/bias"]
+
+    def numpy_loss(self, weights):
+        return 1e-3 * sum(np.sum(np.abs(w.astype(np.float64))) for w in weights)
+
+    def numpy_gradient(self, weight):
+        return 1e-3 * np.sign(weight)
+
+
+class L2SPTest(LossPenaltyTestBase):
+    """The L2-SP plugin example: `scale·Σ‖w − w₀‖²` toward the weights at selection."""
+
+    expected_repr = "L2SP(scale=0.1)"
+
+    def make_penalty(self):
+        return L2SP(0.1)
+
+    def setUp(self):
+        super().setUp()
+        self.anchors = {v.path: v.numpy().astype(np.float64) for v in self.selected}
+        rng = np.random.RandomState(4)
+        for v in self.model.trainable_variables:  # move away from the anchors
+            v.assign(v.numpy() + rng.randn(*v.shape).astype(np.float32))
+
+    def expected_selection(self):
+        return ["net/hidden/kernel", "net/out/kernel"]
+
+    def numpy_loss(self, weights):
+        anchors = [self.anchors[v.path] for v in self.selected]
+        return 0.1 * sum(np.sum((w - a) ** 2) for w, a in zip(weights, anchors))
+
+    def numpy_gradient(self, weight):
+        anchor = next(self.anchors[v.path] for v in self.selected if v.shape == weight.shape)
+        return 0.2 * (weight - anchor)
+
+    def test_anchors_are_checkpointed_state(self):
+        self.assertLen(self.penalty.state_variables(), 3)  # the scale and two anchors
 
 
 class DecoupledWeightDecayTest(PenaltyTestBase):

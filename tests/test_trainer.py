@@ -193,11 +193,18 @@ class TrainerLoopTest(parameterized.TestCase, tf.test.TestCase):
         result = task.train()
         self.assertEqual([h["step"] for h in result["history"]], [3, 6, 9, 10])
 
-    def test_penalty_table_lists_each_selected_variable(self):
-        table = self.make_task().penalty_table()
-        self.assertIn("SelectiveL2(scale=0.001, exclude='bias')  net/hidden/kernel  (4, 3)", table)
-        self.assertIn("DecoupledWeightDecay(rate=0.01)", table)
-        self.assertNotIn("net/out/bias", table)
+    def test_penalty_table_shows_coverage_per_variable(self):
+        """Each variable with the penalties covering it; uncovered ones and totals stand out."""
+        lines = self.make_task().penalty_table().splitlines()
+        self.assertRegex(lines[1], r"^net/hidden/kernel +\(4, 3\) +12  selective_l2, decoupled")
+        self.assertRegex(lines[2], r"^net/hidden/bias +\(3,\) +3  -- none --$")
+        self.assertRegex(lines[3], r"^net/norm/gamma +\(3,\) +3  selective_l2$")
+        self.assertIn("6 trainable variables, 29 parameters", lines)
+        self.assertIn("  covered by no penalty: 2 variables, 5 parameters", lines)
+        self.assertIn(
+            "  selective_l2: 4 variables, 24 parameters  SelectiveL2(scale=0.001, exclude='bias')",
+            lines,
+        )
 
     def test_model_dir_gets_results(self):
         model_dir = self.create_tempdir().full_path

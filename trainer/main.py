@@ -5,12 +5,16 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+import tensorflow as tf
 from absl import app, flags, logging
 
 from trainer import registry
 from trainer.distribution import STRATEGIES
 from trainer.errors import ConfigError
-from trainer.trainer import OPTIMIZERS, Preempted, TrainerOptions, format_losses
+from trainer.progress import format_losses
+from trainer.summaries import write_text
+from trainer.sweep import parse_sweep, run_sweep
+from trainer.trainer import OPTIMIZERS, Preempted, TrainerOptions
 
 _TASK = flags.DEFINE_string("task", "synthetic", "Registered task to run.")
 _PENALTY = flags.DEFINE_multi_string(
@@ -61,6 +65,17 @@ _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "Export the trained model 
 _DETERMINISTIC = flags.DEFINE_bool(
     "deterministic", None, "Op determinism: a resumed run ends bit-identical to an unbroken one."
 )
+_SUMMARY_EVERY = flags.DEFINE_integer(
+    "summary_every", None, "With --model_dir: TensorBoard scalars every N steps; 0: none."
+)
+_DESCRIBE = flags.DEFINE_bool(
+    "describe", False, "Print which variables each penalty covers (and which none), then exit."
+)
+_SWEEP = flags.DEFINE_string(
+    "sweep",
+    None,
+    "Train one run per value of a penalty strength, e.g. 'selective_l2.scale=1e-5,1e-4,1e-3'.",
+)
 _USE_TF_FUNCTION = flags.DEFINE_bool(
     "use_tf_function", True, "Run the train step as a tf.function; false runs it eagerly."
 )
@@ -85,6 +100,7 @@ _OPTION_FLAGS = {
     "resume_from": _RESUME_FROM,
     "export_dir": _EXPORT_DIR,
     "deterministic": _DETERMINISTIC,
+    "summary_every": _SUMMARY_EVERY,
 }
 
 
@@ -117,13 +133,32 @@ def build_trainer():
     return task(options, penalties=penalties)
 
 
+def describe(trainer) -> None:
+    """Prints the penalty coverage table (and writes it to TensorBoard with --model_dir)."""
+    table = trainer.penalty_table()
+    print(table)
+    model_dir = trainer.options.model_dir
+    if model_dir and trainer.is_chief:
+        writer = tf.summary.create_file_writer(model_dir)
+        write_text(writer, "penalties", table)
+        writer.close()
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]!r}; all options are --flags (see --help).")
     if flags.FLAGS["verbosity"].using_default_value:
         logging.set_verbosity(logging.INFO)
     try:
+        sweep = parse_sweep(_SWEEP.value) if _SWEEP.value else None
         trainer = build_trainer()
+        if _DESCRIBE.value:
+            describe(trainer)
+            return
+        if sweep:
+            _, table = run_sweep(trainer, sweep)
+            print(table)
+            return
         result = trainer.train()
     except ConfigError as e:
         _fail(str(e))

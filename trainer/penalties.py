@@ -196,6 +196,10 @@ class Penalty:
             if name not in variables:
                 variables[name] = tf.Variable(value, trainable=False, dtype=tf.float32, name=name)
 
+    def state_variables(self) -> list[tf.Variable]:
+        """Variables to checkpoint with the run: the strengths; override to add state."""
+        return list(self.__dict__.get("_strength_variables", {}).values())
+
     def strength(self, name: str) -> tf.Variable:
         """The variable holding the `Strength` called `name` (built on first use)."""
         if name not in self.__dict__.get("_strength_variables", {}):

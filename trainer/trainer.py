@@ -17,10 +17,13 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from trainer import summaries
 from trainer.checkpointing import Checkpointer
 from trainer.distribution import STRATEGIES, is_chief, is_default, local_devices, make_strategy
 from trainer.errors import ConfigError
-from trainer.penalties import Penalty, StepContext, variable_path
+from trainer.penalties import Penalty, StepContext
+from trainer.progress import Progress, format_losses
+from trainer.report import coverage_table
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad", "nadam")
 MIXED_PRECISION = (None, "mixed_bfloat16", "mixed_float16")
@@ -64,6 +67,8 @@ class TrainerOptions:
       export_dir: write the trained model there as a SavedModel (`model.export`).
       deterministic: enable TensorFlow's op determinism, so that a resumed run ends with
         weights bit-identical to an uninterrupted one.
+      summary_every: with `model_dir`, write TensorBoard scalars every this many steps from
+        inside the train loop; 0 writes none.
     """
 
     optimizer: str = "adam"
@@ -84,12 +89,14 @@ class TrainerOptions:
     resume_from: str | None = None
     export_dir: str | None = None
     deterministic: bool = False
+    summary_every: int = 100
 
     def __post_init__(self):
         for name in ("batch_size", "train_steps", "steps_per_loop"):
             _integer(name, getattr(self, name), 1)
         _integer("eval_every", self.eval_every, 0)
         _integer("checkpoint_every", self.checkpoint_every, 0)
+        _integer("summary_every", self.summary_every, 0)
         _integer("seed", self.seed, 0, 2**32 - 1)
         lr = self.learning_rate
         if (
@@ -161,6 +168,8 @@ class Trainer:
     """
 
     registered_name: str | None = None
+    # The held-out metric a sweep ranks runs by, and whether lower ("min") or higher is better.
+    sweep_metric: tuple[str, str] = ("loss", "min")
 
     def __init__(
         self,
@@ -258,19 +267,42 @@ class Trainer:
         self._loss_sums = tf.Variable(tf.zeros([len(self.loss_names)]), trainable=False)
         self._loss_count = tf.Variable(0.0, trainable=False)
         self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-        step = self.train_step
-        if self.options.jit_compile:
-            step = tf.function(step, jit_compile=True)
-        self._replica_step = step
+        # The step is its own tf.function, traced once: the loop around it is re-made for each
+        # TensorBoard writer (a writer is captured when a function is traced), e.g. per sweep run.
+        self._replica_step = (
+            tf.function(self.train_step, jit_compile=self.options.jit_compile)
+            if self.options.use_tf_function
+            else self.train_step
+        )
+        self._writer = None
+        self._writer_dir = None
         self._train_loop = self._maybe_function(self._train_steps)
         self._eval_step = self._maybe_function(self._evaluate_batch)
         logging.info(
-            "%s on %s with %d replica(s); penalties:\n%s",
+            "%s on %s with %d replica(s); penalty coverage:\n%s",
             type(self).__name__,
             type(self.strategy).__name__,
             self.strategy.num_replicas_in_sync,
             self.penalty_table(),
         )
+
+    @property
+    def is_chief(self) -> bool:
+        """Whether this process writes results, summaries and exports."""
+        return is_chief(self.strategy)
+
+    def _state_variables(self) -> list[Any]:
+        return [*self.model.variables, *self.optimizer.variables, self._step]
+
+    def get_state(self) -> list[Any]:
+        """The values of every model and optimizer variable and the step (for `set_state`)."""
+        return [v.numpy() for v in self._state_variables()]
+
+    def set_state(self, values: list[Any]) -> None:
+        """Returns model, optimizer and step to values from `get_state`, without retracing."""
+        for variable, value in zip(self._state_variables(), values, strict=True):
+            variable.assign(value)
+        self.step = int(self._step.numpy())
 
     def _build_model_with_policy(self) -> keras.Model:
         policy = self.options.mixed_precision
@@ -301,18 +333,9 @@ class Trainer:
         return tf.function(fn) if self.options.use_tf_function else fn
 
     def penalty_table(self) -> str:
-        """One line per (penalty, variable): path, shape and parameter count."""
+        """Which penalties cover each trainable variable, and which variables none cover."""
         self.model  # noqa: B018 -- resolves the selections
-        rows = [("penalty", "variable", "shape", "params")]
-        for penalty, variables in self._selections:
-            for v in variables:
-                rows.append(
-                    (repr(penalty), variable_path(v), str(tuple(v.shape)), str(math.prod(v.shape)))
-                )
-        if len(rows) == 1:
-            return "(no penalties)"
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+        return coverage_table(self._trainable, self._selections)
 
     # ---- the step ----------------------------------------------------------------------
 
@@ -396,8 +419,21 @@ class Trainer:
             self._loss_sums.assign_add(losses)
             self._loss_count.assign_add(1.0)
             self._step.assign_add(1)
+            if self._writer is not None and self._step % self.options.summary_every == 0:
+                self._write_step_summaries(losses)
             if not tf.reduce_all(tf.math.is_finite(losses)):
                 break  # `train` names the term; the weights are not saved
+
+    def _write_step_summaries(self, losses: tf.Tensor) -> None:
+        with self._writer.as_default(step=self._step):
+            summaries.write_step_scalars(
+                self._step,
+                self.loss_names,
+                losses,
+                tf.cast(self.optimizer.learning_rate, tf.float32),
+                self._initial_lr,
+                self._selections,
+            )
 
     def _reduce_losses(self, per_replica: list[Any]) -> list[tf.Tensor]:
         """Global values: total and data loss summed over replicas (each holds its share of
@@ -481,33 +517,48 @@ class Trainer:
             iterator = iter(self.distribute(dataset.skip(self.step)))
         if self.step >= opts.train_steps:
             logging.info("Already at step %d of %d: not training.", self.step, opts.train_steps)
-        with _sigterm_flag() as preempted:
-            result = self._train_loops(iterator, checkpointer, preempted)
+        self._use_writer(model_dir)
+        try:
+            with _sigterm_flag() as preempted:
+                result = self._train_loops(iterator, checkpointer, preempted)
+        finally:
+            if self._writer is not None:
+                self._writer.flush()
         if checkpointer:
             checkpointer.close()
-        if opts.export_dir and is_chief(self.strategy):
+        if opts.export_dir and self.is_chief:
             self.model.export(opts.export_dir, verbose=False)
-        if model_dir and is_chief(self.strategy):
+        if model_dir and self.is_chief:
             with open(os.path.join(model_dir, "results.json"), "w") as f:
                 json.dump(result, f, indent=2)
         return result
+
+    def _use_writer(self, model_dir: str | None) -> None:
+        """Points TensorBoard summaries at `model_dir`: none without it, off the chief, or
+        with `summary_every=0`. A new writer needs a new trace of the loop (not of the step)."""
+        wanted = model_dir if model_dir and self.is_chief else None
+        if not self.options.summary_every or wanted == self._writer_dir:
+            return
+        if self._writer is not None:
+            self._writer.close()
+        self._writer_dir = wanted
+        self._writer = tf.summary.create_file_writer(wanted) if wanted else None
+        if self._writer is not None:
+            summaries.write_text(self._writer, "penalties", self.penalty_table(), self.step)
+        self._train_loop = self._maybe_function(self._train_steps)
 
     def _checkpointer(self, model_dir: str) -> Checkpointer:
         objects = {
             "optimizer_variables": list(self.optimizer.variables),
             "step": self._step,
-            "penalty_strengths": [
-                v
-                for p in self.penalties
-                for v in p.__dict__.get("_strength_variables", {}).values()
-            ],
+            "penalty_strengths": [v for p in self.penalties for v in p.state_variables()],
         }
         return Checkpointer(
             model_dir,
             task=self.registered_name or type(self).__name__,
             model_variables=list(self.model.variables),
             objects=objects,
-            chief=is_chief(self.strategy),
+            chief=self.is_chief,
         )
 
     def _next_stop(self) -> int:
@@ -524,6 +575,7 @@ class Trainer:
         train_logs: dict[str, float] = {}
         eval_logs: dict[str, float] = {}
         history = []
+        progress = Progress(opts.train_steps)
         start, start_step = time.perf_counter(), self.step
         while self.step < opts.train_steps:
             loop_start, loop_first = time.perf_counter(), self.step
@@ -532,7 +584,8 @@ class Trainer:
             self.step = int(self._step.numpy())
             self._check_finite(train_logs)
             rate = (self.step - loop_first) / (time.perf_counter() - loop_start)
-            logging.info("step %d  %.1f steps/s  %s", self.step, rate, format_losses(train_logs))
+            progress.update(self.step, rate, train_logs)
+            self._write_scalars({"steps_per_sec": rate})
             done = self.step >= opts.train_steps
             if checkpointer and (
                 done
@@ -546,7 +599,9 @@ class Trainer:
                 eval_logs = self.evaluate()
                 if eval_logs:
                     history.append({"step": self.step, **eval_logs})
-                    logging.info("eval at step %d  %s", self.step, format_losses(eval_logs))
+                    progress.message(f"eval at step {self.step}  {format_losses(eval_logs)}")
+                    self._write_scalars({f"eval/{k}": v for k, v in eval_logs.items()})
+        progress.close()
         if not eval_logs and self.step >= opts.train_steps:
             eval_logs = self.evaluate()
         elapsed = time.perf_counter() - start
@@ -557,6 +612,10 @@ class Trainer:
             "eval": eval_logs,
             "history": history,
         }
+
+    def _write_scalars(self, values: dict[str, float]) -> None:
+        if self._writer is not None:
+            summaries.write_scalars(self._writer, self.step, values)
 
     def _check_finite(self, logs: dict[str, float]) -> None:
         bad = [name for name, value in logs.items() if name != "loss" and not math.isfinite(value)]
@@ -604,8 +663,3 @@ def _float32(outputs: Any) -> Any:
     return tf.nest.map_structure(
         lambda t: tf.cast(t, tf.float32) if t.dtype.is_floating else t, outputs
     )
-
-
-def format_losses(logs: dict[str, float]) -> str:
-    """`loss=0.1234 data_loss=0.1200 penalty/l2=0.0034` for progress lines."""
-    return " ".join(f"{k}={v:.4g}" for k, v in logs.items())

@@ -1,0 +1,122 @@
+"""λ sweeps: one run per value of a penalty strength, in one process, without retracing the step."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+import tensorflow as tf
+
+from trainer import summaries
+from trainer.errors import ConfigError
+from trainer.penalties import Strength
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+    """`penalty.attribute=v1,v2,...`, e.g. `selective_l2.scale=1e-5,1e-4,1e-3`."""
+
+    penalty: str
+    attribute: str
+    values: tuple[float, ...]
+
+    @property
+    def hparam(self) -> str:
+        return f"{self.penalty}.{self.attribute}"
+
+
+def parse_sweep(spec: str) -> SweepSpec:
+    """Parses `penalty.attribute=v1,v2,...`.
+
+    Raises:
+      ConfigError: the spec is malformed or a value is not a number.
+    """
+    target, equals, listed = spec.partition("=")
+    penalty, dot, attribute = target.strip().partition(".")
+    if not (equals and dot and penalty.isidentifier() and attribute.isidentifier()):
+        raise ConfigError(
+            f"--sweep={spec!r}: expected PENALTY.STRENGTH=V1,V2,... "
+            "like 'selective_l2.scale=1e-5,1e-4,1e-3'."
+        )
+    try:
+        values = tuple(float(v) for v in listed.split(","))
+    except ValueError:
+        raise ConfigError(f"--sweep={spec!r}: the values must be numbers.") from None
+    if len(set(values)) != len(values):
+        raise ConfigError(f"--sweep={spec!r}: a value is repeated.")
+    return SweepSpec(penalty, attribute, values)
+
+
+def _target(trainer: Any, spec: SweepSpec) -> Any:
+    by_name = {p.name: p for p in trainer.penalties}
+    if spec.penalty not in by_name:
+        raise ConfigError(
+            f"--sweep names penalty {spec.penalty!r}, but the penalties are "
+            f"{', '.join(by_name) or 'none'}; add it with --penalty."
+        )
+    penalty = by_name[spec.penalty]
+    strengths = [n for n in dir(type(penalty)) if isinstance(getattr(type(penalty), n), Strength)]
+    if spec.attribute not in strengths:
+        raise ConfigError(
+            f"--sweep: {spec.attribute!r} is not a strength of {penalty!r}; "
+            f"its strengths: {', '.join(strengths) or 'none'}."
+        )
+    return penalty
+
+
+def run_sweep(trainer: Any, spec: SweepSpec) -> tuple[list[dict[str, Any]], str]:
+    """Trains `trainer` once per value, each run from the same initial state.
+
+    Only the strength variable changes between runs, so the train step is traced once. With
+    a `model_dir`, each run writes to `<model_dir>/<penalty>.<attribute>=<value>` (its
+    TensorBoard scalars, HParams and checkpoints), and `model_dir` holds the HParams config.
+
+    Returns:
+      The results (one dict per value: `value`, `eval`, `train`, `step`), and a table of the
+      held-out metric (`trainer.sweep_metric`) per value with the best marked.
+    """
+    penalty = _target(trainer, spec)
+    metric, mode = trainer.sweep_metric
+    initial = trainer.get_state()
+    base_dir = trainer.options.model_dir
+    if base_dir and trainer.is_chief:
+        _write_config(base_dir, spec, metric)
+    results = []
+    for value in spec.values:
+        trainer.set_state(initial)
+        setattr(penalty, spec.attribute, value)
+        run_dir = os.path.join(base_dir, f"{spec.hparam}={value:g}") if base_dir else None
+        trainer.options = dataclasses.replace(trainer.options, model_dir=run_dir)
+        result = trainer.train()
+        if run_dir and trainer.is_chief:
+            writer = tf.summary.create_file_writer(run_dir)
+            summaries.write_hparams(writer, {spec.hparam: value}, trial_id=f"{value:g}")
+            writer.close()
+        results.append({"value": value, **result})
+    trainer.options = dataclasses.replace(trainer.options, model_dir=base_dir)
+    return results, _table(spec, results, metric, mode)
+
+
+def _write_config(base_dir: str, spec: SweepSpec, metric: str) -> None:
+    from tensorboard.plugins.hparams import api as hp
+
+    writer = tf.summary.create_file_writer(base_dir)
+    with writer.as_default():
+        hp.hparams_config(
+            hparams=[hp.HParam(spec.hparam, hp.Discrete(list(spec.values)))],
+            metrics=[hp.Metric(f"eval/{metric}", display_name=f"held-out {metric}")],
+        )
+    writer.close()
+
+
+def _table(spec: SweepSpec, results: list[dict[str, Any]], metric: str, mode: str) -> str:
+    scores = [r["eval"].get(metric, math.nan) for r in results]
+    finite = [s for s in scores if math.isfinite(s)]
+    best = (min if mode == "min" else max)(finite) if finite else None
+    lines = [f"{spec.hparam:>24}  held-out {metric} ({mode} is best)"]
+    for value, score in zip(spec.values, scores):
+        mark = "  <- best" if score == best else ""
+        lines.append(f"{value:>24g}  {score:.6g}{mark}")
+    return "\n".join(lines)
