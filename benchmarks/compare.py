@@ -22,6 +22,9 @@ optimizer (Adam, lr 1e-3) in every variant:
   tapeloop_spl    tapeloop with steps_per_loop = all timed steps in one call, no XLA
   tapeloop_fast   tapeloop with its fastest existing options: steps_per_loop = all timed steps,
                   jit_compile=True (fields checked at run time with `dataclasses.fields`)
+  tapeloop_arrays where `Trainer.train_arrays` exists: the same data as in-memory arrays that
+                  the loop batches itself, default options (XLA chosen by the framework),
+                  steps_per_loop = all timed steps
 
 On the seed MLP also: tapeloop (100 steps per call) with each penalty (L2, SelectiveL2,
 DecoupledWeightDecay, L2 + DecoupledWeightDecay), and diagnostic variants (`--no-diagnostics`
@@ -32,9 +35,9 @@ plain and XLA-compiled) measures the sustained GFLOP/s for the "time over FLOP f
 Timing: every variant is built once and warmed up (its first call, which traces and compiles,
 is reported separately), then the rounds run round-robin, the variant order rotated each
 round, so that machine noise hits every variant alike. Each round times a fixed number of
-steps per variant: 400 on the seed MLP, 40 on the big MLP, 30 on the CNN (`--quick`: 200, 5,
-5); "100 steps per call" means min(100, that number), shown in the steps/call column. Ratios
-are medians of per-round (paired) ratios.
+steps per variant: 200 on the seed MLP (10 rounds), 40 on the big MLP and 20 on the CNN (3
+rounds each; `--quick`: 200, 5, 5, one round); "100 steps per call" means min(100, that
+number), shown in the steps/call column. Ratios are medians of per-round (paired) ratios.
 
 Noise: on a shared machine another process can take a core for minutes. Every timed
 repetition records the CPU that other processes used meanwhile (from /proc); one where they
@@ -149,11 +152,19 @@ class Workload:
         The data are sliced into whole batches up front, so that the input pipeline costs
         one slice per step (no per-example batching) and the loops, not tf.data, are timed.
         """
-        rng = np.random.default_rng(0)
+        x, y = self.arrays()
         n = self.examples // self.batch_size
-        x = rng.standard_normal((n, self.batch_size, *self.input_shape), dtype=np.float32)
-        y = rng.integers(0, NUM_CLASSES, (n, self.batch_size), dtype=np.int32)
+        x = x.reshape((n, self.batch_size, *self.input_shape))
+        y = y.reshape((n, self.batch_size))
         return tf.data.Dataset.from_tensor_slices((x, y)).repeat().prefetch(tf.data.AUTOTUNE)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The same examples unbatched: `(x [examples, ...], y [examples])`."""
+        rng = np.random.default_rng(0)
+        n = self.examples // self.batch_size * self.batch_size
+        x = rng.standard_normal((n, *self.input_shape), dtype=np.float32)
+        y = rng.integers(0, NUM_CLASSES, (n,), dtype=np.int32)
+        return x, y
 
 
 def forward_macs(model: keras.Model) -> int:
@@ -360,6 +371,13 @@ class BenchTask(Trainer):
         return keras.losses.sparse_categorical_crossentropy(labels, outputs, from_logits=True)
 
 
+class ArraysBenchTask(BenchTask):
+    """The same task through `Trainer.train_arrays` (in-memory batches drawn in the loop)."""
+
+    def train_arrays(self):
+        return self.workload.arrays()
+
+
 def option_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(TrainerOptions)}
 
@@ -367,8 +385,18 @@ def option_fields() -> set[str]:
 class Tapeloop(Variant):
     """A `BenchTask` timed through `train()` (see the module docstring), or `_train_loop`."""
 
-    def __init__(self, name, workload, options=None, penalties=list, group="main", loop_only=False):
+    def __init__(
+        self,
+        name,
+        workload,
+        options=None,
+        penalties=list,
+        group="main",
+        loop_only=False,
+        task=BenchTask,
+    ):
         super().__init__(name, workload)
+        self.task = task
         self.extra_options = {k: v for k, v in (options or {}).items() if k in option_fields()}
         self.penalty_factory = penalties
         self.group = group
@@ -383,13 +411,15 @@ class Tapeloop(Variant):
             **self.extra_options,
         )
         self.steps_per_call = min(options.steps_per_loop, self.workload.steps)
-        self.trainer = BenchTask(self.workload, options, penalties=self.penalty_factory())
+        self.trainer = self.task(self.workload, options, penalties=self.penalty_factory())
         self.model = self.trainer.model  # builds: model, optimizer, penalties, tf.functions
         self.note = ", ".join(f"{k}={v}" for k, v in self.extra_options.items()) or "defaults"
         if self.trainer.penalties:
             self.note = " + ".join(repr(p) for p in self.trainer.penalties)
         if self.loop_only:
             self.note = "trainer._train_loop(iterator, n) only, no train()"
+        if self.task is ArraysBenchTask:
+            self.note = f"train_arrays(), {self.note}"
 
     def run(self, n: int) -> None:
         t = self.trainer
@@ -520,6 +550,12 @@ def variants_for(w: Workload, diagnostics: bool) -> list[Variant]:
     if w.steps > spc:  # otherwise the same as `tapeloop`
         variants.append(Tapeloop("tapeloop_spl", w, options={"steps_per_loop": w.steps}))
     variants.append(Tapeloop("tapeloop_fast", w, options=fast))
+    if hasattr(Trainer, "train_arrays"):  # the in-memory input path, where the framework has it
+        variants.append(
+            Tapeloop(
+                "tapeloop_arrays", w, options={"steps_per_loop": w.steps}, task=ArraysBenchTask
+            )
+        )
     if w.penalties:
         for name, make in (
             ("pen_l2", lambda: [L2(1e-4)]),
@@ -865,6 +901,27 @@ def subprocess_timings(import_runs: int, print_=print) -> None:
 # ---- main ----------------------------------------------------------------------------------
 
 
+def source_state() -> str:
+    """The commit, and how many files of trainer/ differ from it (a benchmark of work in
+    progress says so)."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", REPO_ROOT, "status", "--porcelain", "--", "trainer"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return "no git"
+    return f"commit {head}" + (f", {len(dirty)} uncommitted file(s) in trainer/" if dirty else "")
+
+
 def workloads(quick: bool, repeats: int | None) -> list[Workload]:
     if quick:
         ws = [
@@ -877,12 +934,12 @@ def workloads(quick: bool, repeats: int | None) -> list[Workload]:
         ]  # fmt: skip
     else:
         ws = [
-            Workload("seed_mlp", "seed MLP 784-64(relu)-10", seed_mlp, (784,), 128, 8192, 400, 6,
+            Workload("seed_mlp", "seed MLP 784-64(relu)-10", seed_mlp, (784,), 128, 8192, 200, 10,
                      penalties=True, diagnostics=True, matmul_calls=2),
             Workload("big_mlp", "compute-bound MLP 784-1024-1024-10", big_mlp, (784,), 256,
                      8192, 40, 3, matmul_calls=2),
             Workload("cnn", "small CNN 32x32x3 Conv32-Pool-Conv64-Pool-Dense128-10", small_cnn,
-                     (32, 32, 3), 128, 4096, 30, 3, matmul_calls=2),
+                     (32, 32, 3), 128, 4096, 20, 3, matmul_calls=2),
         ]  # fmt: skip
     if repeats:
         for w in ws:
@@ -954,8 +1011,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{tf.config.threading.get_inter_op_parallelism_threads() or 'default'}; "
         f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', '(unset)')}"
     )
-    print(f"trainer from {os.path.dirname(trainer.__file__)}; TrainerOptions fields: "
-          f"{', '.join(sorted(option_fields()))}")  # fmt: skip
+    print(f"trainer from {os.path.dirname(trainer.__file__)} ({source_state()})")
+    print(f"TrainerOptions fields: {', '.join(sorted(option_fields()))}")
     print("optimizer Adam(1e-3), sparse CE from logits, random in-memory data (pre-batched)")
     if not args.no_subprocess:
         log("subprocess timings")

@@ -61,15 +61,9 @@ class SyntheticRegression(Trainer):
             ]
         )
 
-    def train_dataset(self) -> tf.data.Dataset:
+    def train_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         x, y, _, _ = make_data()
-        return (
-            tf.data.Dataset.from_tensor_slices((x, y))
-            .shuffle(len(x), seed=self.options.seed)
-            .repeat()
-            .batch(self.options.batch_size, drop_remainder=True)
-            .prefetch(tf.data.AUTOTUNE)
-        )
+        return x, y
 
     def eval_dataset(self) -> tf.data.Dataset:
         _, _, x, y = make_data()

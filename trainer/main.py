@@ -169,7 +169,8 @@ def main(argv: list[str]) -> None:
         print(f"trainer: {e}", file=sys.stderr)
         sys.exit(Preempted.EXIT_STATUS)
     print(
-        f"{_TASK.value}: {result['step']} steps, {result['steps_per_sec']:.0f} steps/s\n"
+        f"{_TASK.value}: {result['step']} steps, {result['steps_per_sec']:.0f} steps/s after a "
+        f"{result['first_loop_sec']:.1f} s first loop (tracing, compiling)\n"
         f"  train (last loop): {format_losses(result['train'])}\n"
         f"  eval: {format_losses(result['eval']) or '(no eval dataset)'}"
     )

@@ -15,32 +15,47 @@ def loss_tag(name: str) -> str:
     return {"loss": "loss/total", "data_loss": "loss/data"}.get(name, f"loss/{name}")
 
 
-def write_step_scalars(
-    step: tf.Variable,
-    loss_names: Sequence[str],
+def step_tags(loss_names: Sequence[str], selections: Sequence[tuple[Penalty, Any]]) -> list[str]:
+    """The per-step scalar tags, in the order of `step_values`.
+
+    `loss/total`, `loss/data`, `loss/penalty/<name>`, `learning_rate`, `decay/<name>` (a
+    decoupled penalty's multiplicative decay this step) and `norm/<name>` (the global L2 norm
+    of a penalty's selected variables).
+    """
+    tags = [loss_tag(name) for name in loss_names] + ["learning_rate"]
+    tags += [f"decay/{p.name}" for p, _ in selections if _decay_fn(p)]
+    return tags + [f"norm/{p.name}" for p, _ in selections]
+
+
+def _decay_fn(penalty: Penalty) -> Any:
+    decay = getattr(penalty, "decay", None)
+    return decay if penalty.has_update and callable(decay) else None
+
+
+def step_values(
     losses: tf.Tensor,
     learning_rate: tf.Tensor,
     initial_learning_rate: tf.Tensor,
     selections: Sequence[tuple[Penalty, list[Any]]],
-) -> None:
-    """The per-step scalars, for the default writer; callable inside a `tf.function`.
+) -> tf.Tensor:
+    """The values for `step_tags`, one float32 vector; XLA-compatible (nothing is written)."""
+    context = StepContext(learning_rate, learning_rate / initial_learning_rate)
+    decays = [_decay_fn(p)(context) for p, _ in selections if _decay_fn(p)]
+    norms = [tf.linalg.global_norm([tf.cast(v, tf.float32) for v in vs]) for _, vs in selections]
+    extra = tf.stack([learning_rate, *decays, *norms])
+    return tf.concat([tf.cast(losses, tf.float32), tf.cast(extra, tf.float32)], axis=0)
 
-    Tags: `loss/total`, `loss/data`, `loss/penalty/<name>`, `learning_rate`,
-    `decay/<name>` (a decoupled penalty's multiplicative decay this step) and `norm/<name>`
-    (the global L2 norm of a penalty's selected variables). Written under an empty name
-    scope, so that tags carry no `while/` prefix from the loop.
+
+def write_rows(tags: Sequence[str], rows: tf.Tensor, steps: tf.Tensor, count: tf.Tensor) -> None:
+    """Writes `rows[i]` (values for `tags`) at `steps[i]` for i < count, to the default writer.
+
+    Callable inside a `tf.function`; tags are written under an empty name scope, so that they
+    carry no `while/` prefix from the loop.
     """
-    with tf.compat.v1.name_scope(None):
-        for i, name in enumerate(loss_names):
-            tf.summary.scalar(loss_tag(name), losses[i], step=step)
-        tf.summary.scalar("learning_rate", learning_rate, step=step)
-        context = StepContext(learning_rate, learning_rate / initial_learning_rate)
-        for penalty, variables in selections:
-            decay = getattr(penalty, "decay", None)
-            if penalty.has_update and callable(decay):
-                tf.summary.scalar(f"decay/{penalty.name}", decay(context), step=step)
-            norm = tf.linalg.global_norm([tf.cast(v, tf.float32) for v in variables])
-            tf.summary.scalar(f"norm/{penalty.name}", norm, step=step)
+    for i in tf.range(count):
+        with tf.compat.v1.name_scope(None):  # inside the loop: the loop opens its own scope
+            for j, tag in enumerate(tags):
+                tf.summary.scalar(tag, rows[i, j], step=steps[i])
 
 
 def write_scalars(writer: tf.summary.SummaryWriter, step: int, values: dict[str, float]) -> None:

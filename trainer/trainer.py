@@ -21,6 +21,7 @@ from trainer import summaries
 from trainer.checkpointing import Checkpointer
 from trainer.distribution import STRATEGIES, is_chief, is_default, local_devices, make_strategy
 from trainer.errors import ConfigError
+from trainer.inputs import InMemoryBatches
 from trainer.penalties import Penalty, StepContext
 from trainer.progress import Progress, format_losses
 from trainer.report import coverage_table
@@ -59,7 +60,9 @@ class TrainerOptions:
       cpu_replicas: with `mirrored`, mirror over this many logical CPUs (for testing).
       mixed_precision: None, `"mixed_bfloat16"` (the CPU choice) or `"mixed_float16"` (GPUs;
         adds a `LossScaleOptimizer`). Weights and penalties stay float32.
-      jit_compile: compile the train step with XLA.
+      jit_compile: XLA. None (the default) compiles the whole multi-step loop when the task
+        gives `train_arrays` and there is no distribution strategy, and falls back without XLA
+        if it does not compile; True also compiles the step alone in other cases; False never.
       checkpoint_every: with `model_dir`, save a checkpoint every this many steps (and at the
         end, and on SIGTERM); 0 saves only at the end and on SIGTERM.
       resume_from: a checkpoint path (`<model_dir>/ckpt-<step>`) to resume from instead of
@@ -84,7 +87,7 @@ class TrainerOptions:
     strategy: str = "default"
     cpu_replicas: int = 0
     mixed_precision: str | None = None
-    jit_compile: bool = False
+    jit_compile: bool | None = None
     checkpoint_every: int = 1000
     resume_from: str | None = None
     export_dir: str | None = None
@@ -181,7 +184,8 @@ class Trainer:
         self.options = options or TrainerOptions()
         self.strategy = strategy or make_strategy(self.options.strategy, self.options.cpu_replicas)
         devices = local_devices(self.strategy)
-        if self.options.jit_compile and len(devices) > 1 and all("CPU" in d for d in devices):
+        cpus_only = all("CPU" in d for d in devices)
+        if self.options.jit_compile is True and len(devices) > 1 and cpus_only:
             raise ConfigError(
                 f"`jit_compile` (True) cannot run {len(devices)} replicas on logical CPU devices: "
                 "XLA places them all on /cpu:0. Use one CPU replica, or GPUs."
@@ -204,9 +208,26 @@ class Trainer:
         """Returns the optimizer; by default `options.optimizer` at `options.learning_rate`."""
         return make_optimizer(self.options.optimizer, self.options.learning_rate)
 
+    def train_arrays(self) -> Any | None:
+        """Returns the training data as in-memory arrays, e.g. `(x, y)`, or None (the default).
+
+        When given, batches are drawn inside the train loop (a seeded reshuffle per epoch),
+        which lets the whole multi-step loop run as one XLA computation: the fast path for data
+        that fits in memory. `train_dataset` then need not be implemented.
+        """
+        return None
+
     def train_dataset(self) -> tf.data.Dataset:
-        """Returns batches of `(features, labels)` of `options.batch_size`, repeated. Required."""
-        raise NotImplementedError(f"{type(self).__name__} must implement train_dataset().")
+        """Returns batches of `(features, labels)` of `options.batch_size`, repeated.
+
+        Required unless `train_arrays` is given; by default, `train_arrays`' batches.
+        """
+        arrays = self.train_arrays()
+        if arrays is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} must implement train_dataset() or train_arrays()."
+            )
+        return InMemoryBatches(arrays, self.options.batch_size, self.options.seed).dataset()
 
     def eval_dataset(self) -> tf.data.Dataset | None:
         """Returns a finite dataset of `(features, labels)` batches, or None for no evaluation."""
@@ -267,16 +288,11 @@ class Trainer:
         self._loss_sums = tf.Variable(tf.zeros([len(self.loss_names)]), trainable=False)
         self._loss_count = tf.Variable(0.0, trainable=False)
         self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-        # The step is its own tf.function, traced once: the loop around it is re-made for each
-        # TensorBoard writer (a writer is captured when a function is traced), e.g. per sweep run.
-        self._replica_step = (
-            tf.function(self.train_step, jit_compile=self.options.jit_compile)
-            if self.options.use_tf_function
-            else self.train_step
-        )
+        self._summary_tags = summaries.step_tags(self.loss_names, self._selections)
         self._writer = None
         self._writer_dir = None
-        self._train_loop = self._maybe_function(self._train_steps)
+        self._batches: InMemoryBatches | None = None
+        self._make_train_loop(xla_loop=False)
         self._eval_step = self._maybe_function(self._evaluate_batch)
         logging.info(
             "%s on %s with %d replica(s); penalty coverage:\n%s",
@@ -331,6 +347,24 @@ class Trainer:
 
     def _maybe_function(self, fn):
         return tf.function(fn) if self.options.use_tf_function else fn
+
+    def _make_train_loop(self, xla_loop: bool) -> None:
+        """(Re)makes the loop functions; the step is its own tf.function, traced once.
+
+        The loop is re-made for each TensorBoard writer (a writer is captured when a function
+        is traced, e.g. one per sweep run) and when XLA is turned on or off for it.
+        """
+        eager = not self.options.use_tf_function
+        if not hasattr(self, "_replica_step"):
+            jit_step = self.options.jit_compile is True
+            self._replica_step = (
+                self.train_step if eager else tf.function(self.train_step, jit_compile=jit_step)
+            )
+        self._xla_loop = xla_loop and not eager
+        self._run_steps = (
+            tf.function(self._steps, jit_compile=True) if self._xla_loop else self._steps
+        )
+        self._train_loop = self._maybe_function(self._train_steps)
 
     def penalty_table(self) -> str:
         """Which penalties cover each trainable variable, and which variables none cover."""
@@ -413,27 +447,62 @@ class Trainer:
             update()
 
     def _train_steps(self, iterator: Any, num_steps: tf.Tensor) -> None:
-        for _ in tf.range(num_steps):
-            per_replica = self.strategy.run(self._replica_step, args=(next(iterator),))
+        """`num_steps` steps, then the TensorBoard rows they recorded (outside XLA)."""
+        rows, row_steps, count = self._run_steps(iterator, num_steps)
+        if self._writer is not None:
+            with self._writer.as_default():
+                summaries.write_rows(self._summary_tags, rows, row_steps, count)
+
+    def _steps(self, iterator: Any, num_steps: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        """The multi-step loop: batches from `iterator`, or in-graph from the in-memory data.
+
+        Returns summary rows recorded every `summary_every` steps: `(rows, steps, count)`.
+        """
+        every = self.options.summary_every
+        capacity = self.options.steps_per_loop // every + 1 if every else 1
+        record = self._writer is not None
+
+        def body(i, finite, rows, row_steps, count):
+            batch = next(iterator) if iterator is not None else self._batches.batch(self._step)
+            per_replica = self.strategy.run(self._replica_step, args=(batch,))
             losses = tf.stack(self._reduce_losses(per_replica))
             self._loss_sums.assign_add(losses)
             self._loss_count.assign_add(1.0)
-            self._step.assign_add(1)
-            if self._writer is not None and self._step % self.options.summary_every == 0:
-                self._write_step_summaries(losses)
-            if not tf.reduce_all(tf.math.is_finite(losses)):
-                break  # `train` names the term; the weights are not saved
+            step = self._step.assign_add(1)
+            if record:
+                rows, row_steps, count = tf.cond(
+                    step % every == 0,
+                    lambda: self._record(losses, step, rows, row_steps, count),
+                    lambda: (rows, row_steps, count),
+                )
+            return i + 1, tf.reduce_all(tf.math.is_finite(losses)), rows, row_steps, count
 
-    def _write_step_summaries(self, losses: tf.Tensor) -> None:
-        with self._writer.as_default(step=self._step):
-            summaries.write_step_scalars(
-                self._step,
-                self.loss_names,
-                losses,
-                tf.cast(self.optimizer.learning_rate, tf.float32),
-                self._initial_lr,
-                self._selections,
-            )
+        # An explicit while_loop, not autograph's `for ... in tf.range`: under XLA on CPU the
+        # latter ran 4x slower. A non-finite loss ends the loop (`train` names the term).
+        _, _, rows, row_steps, count = tf.while_loop(
+            lambda i, finite, *_: tf.logical_and(i < num_steps, finite),
+            body,
+            [
+                tf.constant(0),
+                tf.constant(True),
+                tf.zeros([capacity, len(self._summary_tags)]),
+                tf.zeros([capacity], tf.int64),
+                tf.constant(0),
+            ],
+        )
+        return rows, row_steps, count
+
+    def _record(self, losses, step, rows, row_steps, count) -> tuple[tf.Tensor, ...]:
+        """Adds this step's TensorBoard values as row `count`."""
+        values = summaries.step_values(
+            losses,
+            tf.cast(self.optimizer.learning_rate, tf.float32),
+            self._initial_lr,
+            self._selections,
+        )
+        rows = tf.tensor_scatter_nd_update(rows, [[count]], values[tf.newaxis])
+        row_steps = tf.tensor_scatter_nd_update(row_steps, [[count]], [step])
+        return rows, row_steps, count + 1
 
     def _reduce_losses(self, per_replica: list[Any]) -> list[tf.Tensor]:
         """Global values: total and data loss summed over replicas (each holds its share of
@@ -493,7 +562,8 @@ class Trainer:
         evaluated, not retrained.
 
         Returns:
-          `{"step", "steps_per_sec", "train": {loss breakdown, mean of the last loop},
+          `{"step", "steps_per_sec" (after the first loop), "first_loop_sec" (tracing and
+          compiling included), "train": {loss breakdown, mean of the last loop},
           "eval": {metrics at the end}, "history": [eval results by step]}`.
 
         Raises:
@@ -506,15 +576,11 @@ class Trainer:
         model_dir = self._prepare_model_dir()
         self.model  # noqa: B018
         checkpointer = self._checkpointer(model_dir) if model_dir else None
-        dataset = self.train_dataset()
-        # A distributed iterator cannot be checkpointed: it is rebuilt past the restored step.
-        iterator = iter(dataset) if is_default(self.strategy) else None
-        if checkpointer and iterator is not None:
-            checkpointer.track("iterator", iterator)
+        iterator = self._make_input(checkpointer)
         if checkpointer and checkpointer.restore(opts.resume_from):
             self.step = int(self._step.numpy())
-        if iterator is None:
-            iterator = iter(self.distribute(dataset.skip(self.step)))
+        if iterator == "distributed":
+            iterator = iter(self.distribute(self.train_dataset().skip(self.step)))
         if self.step >= opts.train_steps:
             logging.info("Already at step %d of %d: not training.", self.step, opts.train_steps)
         self._use_writer(model_dir)
@@ -533,6 +599,35 @@ class Trainer:
                 json.dump(result, f, indent=2)
         return result
 
+    def _make_input(self, checkpointer: Checkpointer | None) -> Any:
+        """The training input: None for in-graph in-memory batches (the step picks them), an
+        iterator (checkpointed), or "distributed" (rebuilt past the restored step: a
+        distributed iterator cannot be checkpointed)."""
+        arrays = self.train_arrays() if is_default(self.strategy) else None
+        if arrays is not None:
+            if self._batches is None:
+                self._batches = InMemoryBatches(arrays, self.options.batch_size, self.options.seed)
+                self._make_train_loop(xla_loop=self.options.jit_compile is not False)
+            return None
+        if not is_default(self.strategy):
+            return "distributed"
+        iterator = iter(self.train_dataset())
+        if checkpointer:
+            checkpointer.track("iterator", iterator)
+        return iterator
+
+    def _run_train_loop(self, iterator: Any, num_steps: int) -> None:
+        """One loop call; if XLA was chosen automatically and cannot compile it, without XLA."""
+        try:
+            self._train_loop(iterator, tf.constant(num_steps, tf.int32))
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as e:
+            if not (self._xla_loop and self.options.jit_compile is None):
+                raise
+            logging.warning("XLA could not compile the train loop; running without it: %s",
+                            str(e).strip().splitlines()[0][:300])  # fmt: skip
+            self._make_train_loop(xla_loop=False)
+            self._train_loop(iterator, tf.constant(num_steps, tf.int32))
+
     def _use_writer(self, model_dir: str | None) -> None:
         """Points TensorBoard summaries at `model_dir`: none without it, off the chief, or
         with `summary_every=0`. A new writer needs a new trace of the loop (not of the step)."""
@@ -545,7 +640,7 @@ class Trainer:
         self._writer = tf.summary.create_file_writer(wanted) if wanted else None
         if self._writer is not None:
             summaries.write_text(self._writer, "penalties", self.penalty_table(), self.step)
-        self._train_loop = self._maybe_function(self._train_steps)
+        self._make_train_loop(xla_loop=self._xla_loop)
 
     def _checkpointer(self, model_dir: str) -> Checkpointer:
         objects = {
@@ -577,13 +672,19 @@ class Trainer:
         history = []
         progress = Progress(opts.train_steps)
         start, start_step = time.perf_counter(), self.step
+        first_loop_sec, first_loop_steps = 0.0, 0
         while self.step < opts.train_steps:
             loop_start, loop_first = time.perf_counter(), self.step
-            self._train_loop(iterator, tf.constant(self._next_stop() - self.step, tf.int32))
+            self._run_train_loop(iterator, self._next_stop() - self.step)
             train_logs = self._take_mean_losses()
             self.step = int(self._step.numpy())
             self._check_finite(train_logs)
             rate = (self.step - loop_first) / (time.perf_counter() - loop_start)
+            if not first_loop_steps:  # includes tracing and compiling
+                first_loop_sec, first_loop_steps = (
+                    time.perf_counter() - start,
+                    self.step - loop_first,
+                )
             progress.update(self.step, rate, train_logs)
             self._write_scalars({"steps_per_sec": rate})
             done = self.step >= opts.train_steps
@@ -604,10 +705,13 @@ class Trainer:
         progress.close()
         if not eval_logs and self.step >= opts.train_steps:
             eval_logs = self.evaluate()
-        elapsed = time.perf_counter() - start
+        # The rate after the first loop, whose time (tracing, XLA compiling) is reported apart.
+        elapsed = time.perf_counter() - start - first_loop_sec
+        steady = self.step - start_step - first_loop_steps
         return {
             "step": self.step,
-            "steps_per_sec": (self.step - start_step) / elapsed if elapsed > 0 else 0.0,
+            "steps_per_sec": steady / elapsed if steady and elapsed > 0 else 0.0,
+            "first_loop_sec": first_loop_sec,
             "train": train_logs,
             "eval": eval_logs,
             "history": history,

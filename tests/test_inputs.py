@@ -1,0 +1,164 @@
+"""The in-memory fast path: in-graph batches, the whole loop under XLA, and what must not change."""
+
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+from array_task import mse, regression_data, small_model
+from test_tensorboard import read_events
+
+from trainer import L2, DecoupledWeightDecay, Trainer, TrainerOptions
+from trainer.distribution import make_strategy
+from trainer.inputs import InMemoryBatches
+
+
+class ArraysTask(Trainer):
+    """`small_model` on in-memory arrays through `train_arrays` (no `train_dataset`)."""
+
+    def __init__(self, options, *, penalties=(), strategy=None, loss_fn=mse):
+        super().__init__(options, penalties=penalties, strategy=strategy)
+        self.x, self.y = regression_data(n=72)  # 4 batches of 16 per epoch, 8 left out
+        self.loss_fn = loss_fn
+
+    def build_model(self):
+        return small_model()
+
+    def train_arrays(self):
+        return self.x, self.y
+
+    def eval_dataset(self):
+        return tf.data.Dataset.from_tensor_slices((self.x, self.y)).batch(24)
+
+    def compute_loss(self, labels, outputs):
+        return self.loss_fn(labels, outputs)
+
+
+def options(**kwargs):
+    defaults = {"batch_size": 16, "train_steps": 20, "steps_per_loop": 7, "optimizer": "adam",
+                "learning_rate": 0.01}  # fmt: skip
+    return TrainerOptions(**{**defaults, **kwargs})
+
+
+PENALTIES = lambda: [L2(1e-3), DecoupledWeightDecay(0.1)]  # noqa: E731
+
+
+class InMemoryBatchesTest(tf.test.TestCase):
+    def batches(self, seed=3, steps=12):
+        data = InMemoryBatches((np.arange(72), np.arange(72) * 10), batch_size=16, seed=seed)
+        return data, [data.batch(tf.constant(t, tf.int64)) for t in range(steps)]
+
+    def test_each_epoch_is_a_fresh_permutation(self):
+        """4 batches per epoch hold 64 distinct examples; epochs differ; labels stay aligned."""
+        data, batches = self.batches()
+        self.assertEqual(data.steps_per_epoch, 4)
+        epochs = [
+            np.concatenate([b[0].numpy() for b in batches[e * 4 : e * 4 + 4]]) for e in range(3)
+        ]
+        for order in epochs:
+            self.assertLen(set(order.tolist()), 64)
+        self.assertFalse(np.array_equal(epochs[0], epochs[1]))
+        for x, y in batches:
+            np.testing.assert_array_equal(y.numpy(), x.numpy() * 10)
+
+    def test_order_is_a_function_of_seed_and_step(self):
+        _, a = self.batches(seed=3)
+        _, b = self.batches(seed=3)
+        _, c = self.batches(seed=4)
+        for (xa, _), (xb, _) in zip(a, b):
+            np.testing.assert_array_equal(xa, xb)
+        self.assertFalse(all(np.array_equal(xa, xc) for (xa, _), (xc, _) in zip(a, c)))
+        # Out of order (as after a restore) gives the same batch.
+        data, _ = self.batches(seed=3)
+        np.testing.assert_array_equal(data.batch(tf.constant(9, tf.int64))[0], a[9][0])
+
+    def test_dataset_yields_the_same_batches(self):
+        data, batches = self.batches()
+        for (x, _), (dx, _) in zip(batches, data.dataset().take(12)):
+            np.testing.assert_array_equal(x, dx)
+
+    def test_too_few_examples(self):
+        with self.assertRaisesRegex(ValueError, r"`batch_size` \(100\) exceeds the 72"):
+            InMemoryBatches(np.zeros([72, 2]), batch_size=100, seed=0)
+
+
+class FastPathTest(parameterized.TestCase, tf.test.TestCase):
+    def train(self, **kwargs):
+        task = ArraysTask(options(**kwargs.pop("opts", {})), penalties=PENALTIES(), **kwargs)
+        result = task.train()
+        return task, result
+
+    def test_xla_loop_matches_graph_and_eager(self):
+        """Auto XLA over the whole loop ≡ the plain graph ≡ eager, to float32 rounding."""
+        xla, _ = self.train()
+        self.assertTrue(xla._xla_loop)
+        plain, _ = self.train(opts={"jit_compile": False})
+        self.assertFalse(plain._xla_loop)
+        eager, _ = self.train(opts={"use_tf_function": False})
+        for other in (plain, eager):
+            for a, b in zip(xla.model.get_weights(), other.model.get_weights()):
+                self.assertAllClose(a, b, atol=1e-5, rtol=0)
+
+    def test_falls_back_when_xla_cannot_compile(self):
+        """A loss XLA cannot compile (a py_function): a warning, then the same training."""
+
+        def opaque_mse(labels, outputs):
+            return tf.py_function(lambda t: t, [mse(labels, outputs)], tf.float32)
+
+        with self.assertLogs(logger="absl", level="WARNING") as logs:
+            fallback, _ = self.train(loss_fn=lambda y, p: tf.reshape(opaque_mse(y, p), [-1]))
+        self.assertIn("XLA could not compile the train loop", "\n".join(logs.output))
+        self.assertFalse(fallback._xla_loop)
+        plain, _ = self.train(opts={"jit_compile": False})
+        for a, b in zip(fallback.model.get_weights(), plain.model.get_weights()):
+            self.assertAllClose(a, b, atol=1e-6, rtol=0)
+
+    def test_resume_is_bit_identical(self):
+        """20 steps, a fresh Trainer resuming to 30 ≡ 30 steps straight (deterministic)."""
+        root = self.create_tempdir().full_path
+        straight = {"train_steps": 30, "checkpoint_every": 10, "deterministic": True,
+                    "model_dir": os.path.join(root, "straight")}  # fmt: skip
+        reference, _ = self.train(opts=straight)
+        broken = {**straight, "model_dir": os.path.join(root, "broken")}
+        self.train(opts={**broken, "train_steps": 20})
+        resumed, result = self.train(opts=broken)
+        self.assertEqual(result["step"], 30)
+        for a, b in zip(resumed.model.get_weights(), reference.model.get_weights()):
+            np.testing.assert_array_equal(a, b)
+
+    def test_mirrored_strategy_uses_the_same_batches(self):
+        """Under MirroredStrategy the arrays go through `dataset()`: same weights (≤ 1e-5)."""
+        single, _ = self.train(opts={"jit_compile": False})
+        mirrored, _ = self.train(
+            opts={"jit_compile": False}, strategy=make_strategy("mirrored", cpu_replicas=2)
+        )
+        for a, b in zip(single.model.get_weights(), mirrored.model.get_weights()):
+            self.assertAllClose(a, b, atol=1e-5, rtol=0)
+
+    def test_summaries_from_the_xla_loop(self):
+        """Rows recorded inside the compiled loop, written right after it: same tags."""
+        model_dir = self.create_tempdir().full_path
+        task, result = self.train(opts={"model_dir": model_dir, "summary_every": 5})
+        self.assertTrue(task._xla_loop)
+        scalars, _, _ = read_events(model_dir)
+        self.assertEqual([s for s, _ in scalars["loss/total"]], [5, 10, 15, 20])
+        self.assertIn("decay/decoupled_weight_decay", scalars)
+        total, data, l2 = (dict(scalars[t]) for t in ("loss/total", "loss/data", "loss/penalty/l2"))
+        for step in total:
+            self.assertAllClose(total[step], data[step] + l2[step], rtol=1e-6)
+        self.assertAllClose(dict(scalars["eval/loss"])[20], result["eval"]["loss"])
+
+    def test_keras_model_fit_is_not_disturbed(self):
+        """The global state tapeloop touches (policy, seeds) leaves plain Keras working."""
+        self.train()
+        model = small_model()
+        model.compile(optimizer="sgd", loss="mse")
+        x, y = regression_data(n=32)
+        history = model.fit(x, y, epochs=2, verbose=0)
+        self.assertLess(history.history["loss"][1], history.history["loss"][0])
+        self.assertEqual(keras.mixed_precision.global_policy().name, "float32")
+
+
+if __name__ == "__main__":
+    tf.test.main()
