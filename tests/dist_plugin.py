@@ -17,6 +17,19 @@ def data():
     return x, y
 
 
+def mlp() -> keras.Model:
+    """4 -> Dense(8, tanh, l2(0.01) kernel regularizer) -> Dense(2)."""
+    return keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(
+                8, activation="tanh", kernel_regularizer=keras.regularizers.l2(0.01)
+            ),
+            keras.layers.Dense(2),
+        ]
+    )
+
+
 @register_task("dist_regression")
 class DistRegression(Trainer):
     """4 -> Dense(8, tanh, l2 kernel regularizer) -> Dense(2); batches in order."""
@@ -30,15 +43,7 @@ class DistRegression(Trainer):
     }
 
     def build_model(self):
-        return keras.Sequential(
-            [
-                keras.Input((4,)),
-                keras.layers.Dense(
-                    8, activation="tanh", kernel_regularizer=keras.regularizers.l2(0.01)
-                ),
-                keras.layers.Dense(2),
-            ]
-        )
+        return mlp()
 
     def train_dataset(self):
         x, y = data()

@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 from array_task import ArrayTask, regression_data
+from dist_plugin import mlp
 
 from trainer import L2, ConfigError, DecoupledWeightDecay, SelectiveL2, TrainerOptions
 from trainer.distribution import make_strategy
@@ -18,18 +19,6 @@ from trainer.distribution import make_strategy
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(TESTS_DIR)
 WORKER_TIMEOUT_S = 240  # a worker whose peer is missing hangs for minutes otherwise
-
-
-def mlp() -> keras.Model:
-    return keras.Sequential(
-        [
-            keras.Input((4,)),
-            keras.layers.Dense(
-                8, activation="tanh", kernel_regularizer=keras.regularizers.l2(0.01)
-            ),
-            keras.layers.Dense(2),
-        ]
-    )
 
 
 class UnscaledL2(L2):
