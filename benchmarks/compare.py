@@ -2,8 +2,8 @@
 
 Usage (from the repository root, with the project installed):
 
-    TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/compare.py            # ~5 min on 2 CPU cores
-    TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/compare.py --quick    # ~1 min smoke run
+    TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/compare.py            # ~4-6 min on 2 CPU cores
+    TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/compare.py --quick    # ~1.5 min smoke run
     TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/compare.py --repeats 8 --workloads seed_mlp
     # small per-step overheads, without cross-thread wake-ups (one TF thread):
     TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/compare.py --threads 1 --workloads seed_mlp
@@ -18,15 +18,19 @@ optimizer (Adam, lr 1e-3) in every variant:
                   tf.function): the reference for tapeloop's overhead at equal steps per call
   fit             `compile(Adam, SparseCategoricalCrossentropy(from_logits=True))`, `fit`
   fit_spe100      the same with `steps_per_execution=100`
-  tapeloop        a `trainer.Trainer` with default options (steps_per_loop=100)
+  tapeloop        a `trainer.Trainer` fed the same tf.data pipeline, default options
+                  (steps_per_loop=100; no XLA with a tf.data input)
   tapeloop_spl    tapeloop with steps_per_loop = all timed steps in one call, no XLA
-  tapeloop_fast   tapeloop with its fastest existing options: steps_per_loop = all timed steps,
-                  jit_compile=True (fields checked at run time with `dataclasses.fields`)
-  tapeloop_arrays where `Trainer.train_arrays` exists: the same data as in-memory arrays that
-                  the loop batches itself, default options (XLA chosen by the framework),
-                  steps_per_loop = all timed steps
+  tapeloop_fast   tapeloop with steps_per_loop = all timed steps and jit_compile=True (XLA on
+                  the step)
+  tapeloop_arrays tapeloop's defaults for data that fits in memory: the same data through
+                  `Trainer.train_arrays`, batched inside the loop, default options (100 steps
+                  per call; XLA over the whole loop, except for convolutions on CPU)
+  hand_arrays_xla those options written by hand: in-memory batches gathered in-graph, the
+                  whole loop one XLA computation (not on the CNN: XLA:CPU convolutions are
+                  13-24x slower): the reference for tapeloop_arrays' framework overhead
 
-On the seed MLP also: tapeloop (100 steps per call) with each penalty (L2, SelectiveL2,
+On the seed MLP also: tapeloop_arrays with each penalty (L2, SelectiveL2,
 DecoupledWeightDecay, L2 + DecoupledWeightDecay), and diagnostic variants (`--no-diagnostics`
 skips them) that add tapeloop's extra work to `hand_loop_100` one piece at a time, to locate
 its overhead. A `matmul` pseudo-variant (a 2048x2048 float32 matmul chain inside a tf.function,
@@ -45,7 +49,11 @@ used more than 0.3 core is timed again (at most twice, within `--retry-budget` s
 whole run) and the least contended try is kept; the tables count the repetitions still
 contended. The tables also give this process's CPU time per step ("CPU ms"), which another
 process taking the other core disturbs far less than wall time: use it to compare small
-overheads when the wall times are bimodal.
+overheads when the wall times are bimodal. With TensorFlow's default threads, a small model's
+steps also wait on cross-thread wake-ups, which on a 2-vCPU VM makes its wall time jump
+between levels (e.g. ~0.75, ~1.5 and ~3 ms per step for the seed MLP) from one repetition to
+the next; `--threads 1` runs everything on one TensorFlow thread and gives stable per-step
+numbers for attributing overheads of a few percent (it slows the compute-bound workloads).
 
 tapeloop is timed through its public `train()`: one Trainer per variant, built and traced
 once; each timed repetition sets `trainer.options = dataclasses.replace(options,
@@ -138,6 +146,7 @@ class Workload:
     penalties: bool = False  # the penalty-overhead variants
     diagnostics: bool = False  # the hand-loop variants that mimic tapeloop
     matmul_calls: int = 3  # 2048^2 matmuls per timed matmul repetition
+    first_steps: int = 100  # steps of an in-graph loop's first (tracing) call
     dataset: tf.data.Dataset | None = None
     load: tuple[float, float] = (0.0, 0.0)  # 1-minute load average before and after timing
 
@@ -199,6 +208,7 @@ class Variant:
 
     group = "main"
     steps_per_call = 1
+    in_graph_loop = False  # steps counted by a tensor inside one tf.function call
     note = ""
     model: keras.Model | None = None
 
@@ -241,6 +251,7 @@ class HandLoop(Variant):
     def __init__(self, name, workload, per_call=1, extras=(), group="main", note=""):
         super().__init__(name, workload)
         self.steps_per_call = per_call
+        self.in_graph_loop = per_call > 1
         self.extras = frozenset(extras)
         self.group = group
         self.note = note
@@ -330,6 +341,57 @@ class HandLoop(Variant):
         return while_body_ops(concrete)
 
 
+class HandArraysXla(Variant):
+    """tapeloop_arrays' options written by hand: in-memory data in variables, batch `t` gathered
+    in-graph from a shuffled order (one fixed permutation: cheaper than tapeloop's fresh
+    order per epoch), the whole `per_call`-step loop one XLA computation (`tf.while_loop`
+    under `jit_compile=True`); the corrected Example 3 step."""
+
+    in_graph_loop = True
+
+    def __init__(self, name, workload, per_call):
+        super().__init__(name, workload)
+        self.steps_per_call = per_call
+
+    def build(self) -> None:
+        keras.utils.set_random_seed(0)
+        self.model = model = self.workload.build_model()
+        variables = model.trainable_variables
+        optimizer = new_optimizer()
+        optimizer.build(variables)
+        loss_object = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        x, y = self.workload.arrays()
+        xs, ys = tf.Variable(x, trainable=False), tf.Variable(y, trainable=False)
+        batch_size = self.workload.batch_size
+        batches = len(x) // batch_size
+        order = tf.Variable(np.random.default_rng(1).permutation(len(x)).astype(np.int32))
+        step = tf.Variable(0, dtype=tf.int32, trainable=False)
+
+        def body(i):
+            indices = tf.gather(order, (step % batches) * batch_size + tf.range(batch_size))
+            with tf.GradientTape() as tape:
+                logits = model(tf.gather(xs, indices), training=True)
+                loss = loss_object(tf.gather(ys, indices), logits)
+            optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+            step.assign_add(1)
+            return i + 1
+
+        @tf.function(jit_compile=True)
+        def loop(num_steps):
+            tf.while_loop(lambda i: i < num_steps, body, [tf.constant(0)])
+
+        self.fn = loop
+
+    def run(self, n: int) -> None:
+        calls, rest = divmod(n, self.steps_per_call)
+        for k in [self.steps_per_call] * calls + ([rest] if rest else []):
+            self.fn(tf.constant(k, tf.int32))
+        sync(self.model)
+
+    def tracing_count(self) -> int:
+        return self.fn.experimental_get_tracing_count()
+
+
 class Fit(Variant):
     def __init__(self, name, workload, steps_per_execution=1):
         super().__init__(name, workload)
@@ -397,6 +459,7 @@ class Tapeloop(Variant):
     ):
         super().__init__(name, workload)
         self.task = task
+        self.in_graph_loop = True
         self.extra_options = {k: v for k, v in (options or {}).items() if k in option_fields()}
         self.penalty_factory = penalties
         self.group = group
@@ -442,9 +505,10 @@ class Tapeloop(Variant):
         function = getattr(self.trainer, "_train_loop", None)
         if not hasattr(function, "get_concrete_function"):
             return None
-        concrete = function.get_concrete_function(
-            iter(self.workload.dataset), tf.constant(1, tf.int32)
-        )
+        # The loop's first argument, as train() passes it: None when the loop batches
+        # train_arrays() itself (another value would trace another concrete function).
+        iterator = None if self.task is ArraysBenchTask else iter(self.workload.dataset)
+        concrete = function.get_concrete_function(iterator, tf.constant(1, tf.int32))
         return while_body_ops(concrete)
 
 
@@ -489,11 +553,15 @@ def while_body_ops(concrete) -> int | None:
     the nodes of functions it calls (recursively); before Grappler's rewrites."""
     graph_def = concrete.graph.as_graph_def()
     library = {f.signature.name: f for f in graph_def.library.function}
+    # The first While in the graph, else in the functions it calls (e.g. an XLA-compiled loop).
+    nodes = list(graph_def.node)
     body = None
-    for node in graph_def.node:
+    for node in nodes:
         if node.op in ("While", "StatelessWhile"):
             body = node.attr["body"].func.name
             break
+        called = [v.func.name for v in node.attr.values() if v.HasField("func")]
+        nodes += [n for name in called if name in library for n in library[name].node_def]
     if body is None:
         return None
 
@@ -524,6 +592,8 @@ class Result:
     foreign: list[float] = dataclasses.field(default_factory=list)  # others' CPU, in cores
     cpu_ms: list[float] = dataclasses.field(default_factory=list)  # this process's CPU ms/step
     retries: int = 0
+    first_steps: int = 0
+    steps: int = 0  # timed steps per repetition (fewer for a very slow variant)
     traces_after_warmup: int | None = None
     traces_after_timing: int | None = None
     loop_ops: int | None = None
@@ -550,12 +620,12 @@ def variants_for(w: Workload, diagnostics: bool) -> list[Variant]:
     if w.steps > spc:  # otherwise the same as `tapeloop`
         variants.append(Tapeloop("tapeloop_spl", w, options={"steps_per_loop": w.steps}))
     variants.append(Tapeloop("tapeloop_fast", w, options=fast))
-    if hasattr(Trainer, "train_arrays"):  # the in-memory input path, where the framework has it
-        variants.append(
-            Tapeloop(
-                "tapeloop_arrays", w, options={"steps_per_loop": w.steps}, task=ArraysBenchTask
-            )
-        )
+    # The in-memory input path (`train_arrays`) with default options: tapeloop's defaults for
+    # data that fits in memory (XLA over the whole loop, chosen by the framework, except for
+    # convolutions on CPU), against the same options written by hand.
+    variants.append(Tapeloop("tapeloop_arrays", w, task=ArraysBenchTask))
+    if w.name != "cnn":  # XLA:CPU convolutions are 13-24x slower: tapeloop leaves XLA off
+        variants.append(HandArraysXla("hand_arrays_xla", w, per_call=spc))
     if w.penalties:
         for name, make in (
             ("pen_l2", lambda: [L2(1e-4)]),
@@ -564,7 +634,7 @@ def variants_for(w: Workload, diagnostics: bool) -> list[Variant]:
             ("pen_l2+decoupled_wd", lambda: [L2(1e-4), DecoupledWeightDecay(1e-2)]),
         ):
             variants.append(
-                Tapeloop(name, w, options={"steps_per_loop": spc}, penalties=make, group="penalty")
+                Tapeloop(name, w, penalties=make, group="penalty", task=ArraysBenchTask)
             )
     if diagnostics and w.diagnostics:
         variants += [
@@ -618,6 +688,7 @@ def steps_for(result: Result) -> int:
 
 
 CONTENDED_CORES = 0.3  # other processes' CPU use (in cores) that marks a repetition contended
+MAX_REPETITION_S = 5.0  # a variant slower than this per repetition times fewer steps after
 
 
 def cpu_ticks() -> tuple[int, int] | None:
@@ -670,14 +741,20 @@ def measure_workload(w: Workload, diagnostics: bool, log: Callable[[str], None])
         v = r.variant
         try:
             v.build()
-            first = v.steps_per_call if not isinstance(v, Matmul) else 1
+            # The first call traces and compiles. In-graph loops take their step count as a
+            # tensor, so it may run fewer steps than later calls (`first_steps`); fit runs a
+            # whole execution (steps_per_execution steps).
+            first = min(v.steps_per_call, w.first_steps) if v.in_graph_loop else v.steps_per_call
+            first = 1 if isinstance(v, Matmul) else first
             start = time.perf_counter()
-            v.run(first)  # traces / compiles
+            v.run(first)
             r.first_call_s = time.perf_counter() - start
-            if isinstance(v, Matmul) or v.steps_per_call < w.steps:
-                v.run(first)  # one more call: anything lazily built on the first is built
-            r.traces_after_warmup = v.tracing_count()
+            r.first_steps = first
+            if first == 1:
+                v.run(first)  # cheap: anything lazily built on the first call is built
+            r.steps = steps_for(r)
             r.loop_ops = v.loop_ops()
+            r.traces_after_warmup = v.tracing_count()
         except Exception as e:  # a variant that breaks is reported, the others still run
             r.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             log(f"  {v.name}: FAILED in warm-up: {r.error}")
@@ -687,7 +764,7 @@ def measure_workload(w: Workload, diagnostics: bool, log: Callable[[str], None])
         shift = round_index % len(live)
         order = live[shift:] + live[:shift]  # rotated: no variant always first or last
         for r in order:
-            steps = steps_for(r)
+            steps = r.steps
             rate, cpu_ms, foreign = timed_run(r.variant, steps)
             # Another process took a share of the cores: time it again, while the budget lasts;
             # keep the least contended try.
@@ -703,6 +780,9 @@ def measure_workload(w: Workload, diagnostics: bool, log: Callable[[str], None])
             r.rates.append(rate)
             r.cpu_ms.append(cpu_ms)
             r.foreign.append(foreign)
+            if steps / rate > MAX_REPETITION_S:  # a slow variant: time fewer steps from now on
+                least = r.variant.steps_per_call if isinstance(r.variant, Fit) else 1
+                r.steps = max(least, int(steps * MAX_REPETITION_S / 2 * rate / steps))
         log(f"[{w.name}] round {round_index + 1}/{w.repeats} done")
     w.load = (load_before, os.getloadavg()[0])
     for r in live:
@@ -729,7 +809,7 @@ def paired_overhead(a: Result, b: Result) -> tuple[float, float, float, float, f
 
 
 GROUP_TITLES = {
-    "penalty": "-- penalties: tapeloop at 100 steps/call (none = the `tapeloop` row)",
+    "penalty": "-- penalties: tapeloop_arrays (defaults, in-memory; none = that row)",
     "diagnostic": "-- diagnostics: hand_loop_100 plus tapeloop's extra work, piece by piece; "
     "tapeloop's in-graph loop alone",
 }
@@ -793,9 +873,11 @@ def report_workload(w: Workload, results: list[Result], print_=print) -> dict[st
             print_(f"{v.name:<22}  FAILED: {r.error}")
             continue
         med = r.median
-        trace = r.first_call_s - v.steps_per_call / med
+        trace = r.first_call_s - r.first_steps / med
         spread = f"[{fmt_rate(min(r.rates))} .. {fmt_rate(max(r.rates))}]"
         notes = [v.note] if v.note else []
+        if r.steps != steps_for(r):
+            notes.append(f"slow: timed {r.steps} steps/repetition after the first")
         if (
             r.traces_after_timing is not None
             and r.traces_after_warmup is not None
@@ -833,10 +915,17 @@ def report_workload(w: Workload, results: list[Result], print_=print) -> dict[st
     overhead_line("tapeloop_spl vs hand_loop_100", "tapeloop_spl", "hand_loop_100")
     overhead_line("tapeloop_fast vs hand_loop_100", "tapeloop_fast", "hand_loop_100")
     overhead_line("tapeloop vs fit_spe100 (same steps/call)", "tapeloop", "fit_spe100")
+    overhead_line(
+        "framework, in-memory + XLA: tapeloop_arrays vs hand_arrays_xla",
+        "tapeloop_arrays",
+        "hand_arrays_xla",
+    )
+    overhead_line("defaults (in-memory): tapeloop_arrays vs fit", "tapeloop_arrays", "fit")
+    overhead_line("tapeloop_arrays vs fit_spe100", "tapeloop_arrays", "fit_spe100")
     overhead_line("hand_loop_100 vs fit_spe100", "hand_loop_100", "fit_spe100")
     overhead_line("hand_loop (1 step/call) vs hand_loop_100", "hand_loop", "hand_loop_100")
     for name in ("pen_l2", "pen_selective_l2", "pen_decoupled_wd", "pen_l2+decoupled_wd"):
-        overhead_line(f"penalty {name[4:]} vs none (tapeloop, 100 steps/call)", name, "tapeloop")
+        overhead_line(f"penalty {name[4:]} vs none (tapeloop_arrays)", name, "tapeloop_arrays")
     for name in (
         "tapeloop_loop_only",
         "hand_100+run",
@@ -937,9 +1026,9 @@ def workloads(quick: bool, repeats: int | None) -> list[Workload]:
             Workload("seed_mlp", "seed MLP 784-64(relu)-10", seed_mlp, (784,), 128, 8192, 200, 10,
                      penalties=True, diagnostics=True, matmul_calls=2),
             Workload("big_mlp", "compute-bound MLP 784-1024-1024-10", big_mlp, (784,), 256,
-                     8192, 40, 3, matmul_calls=2),
+                     8192, 40, 3, matmul_calls=2, first_steps=5),
             Workload("cnn", "small CNN 32x32x3 Conv32-Pool-Conv64-Pool-Dense128-10", small_cnn,
-                     (32, 32, 3), 128, 4096, 20, 3, matmul_calls=2),
+                     (32, 32, 3), 128, 4096, 20, 3, matmul_calls=2, first_steps=5),
         ]  # fmt: skip
     if repeats:
         for w in ws:
@@ -949,7 +1038,7 @@ def workloads(quick: bool, repeats: int | None) -> list[Workload]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="~1 minute smoke run")
+    parser.add_argument("--quick", action="store_true", help="~1.5 minute smoke run")
     parser.add_argument("--repeats", type=int, default=None, help="rounds per workload")
     parser.add_argument(
         "--workloads", default="seed_mlp,big_mlp,cnn", help="comma-separated subset"
@@ -1027,7 +1116,8 @@ def main(argv: list[str] | None = None) -> None:
         "x fit / x spe100: median per-round ratio of steps/s to fit / fit_spe100 (>1 = faster). "
         "CPU ms: this process's CPU time per step (all its threads), median. "
         "x floor: measured step time / (FLOPs per step / best sustained matmul GFLOP/s). "
-        "~trace s: first call minus its steps at the median rate. ops/step: graph ops in one "
+        "~trace s: first call (100 steps, 5 on the big workloads; fit: one execution) minus "
+        "its steps at the median rate. ops/step: graph ops in one "
         "iteration of the in-graph loop, before Grappler. cont.: repetitions during which "
         f"other processes used more than {CONTENDED_CORES} core (after re-timing)."
     )

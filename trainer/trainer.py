@@ -607,11 +607,12 @@ class Trainer:
         """The training input: None for in-graph in-memory batches (the step picks them), an
         iterator (checkpointed), or "distributed" (rebuilt past the restored step: a
         distributed iterator cannot be checkpointed)."""
+        if self._batches is not None:  # loaded by an earlier train() call
+            return None
         arrays = self.train_arrays() if is_default(self.strategy) else None
         if arrays is not None:
-            if self._batches is None:
-                self._batches = InMemoryBatches(arrays, self.options.batch_size, self.options.seed)
-                self._make_train_loop(xla_loop=self._auto_xla())
+            self._batches = InMemoryBatches(arrays, self.options.batch_size, self.options.seed)
+            self._make_train_loop(xla_loop=self._auto_xla())
             return None
         if not is_default(self.strategy):
             return "distributed"
