@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import tensorflow as tf
@@ -41,6 +42,8 @@ def configure_cpu_replicas(count: int) -> list[str]:
 def make_strategy(name: str = "default", cpu_replicas: int = 0) -> tf.distribute.Strategy:
     """A `tf.distribute.Strategy` by name.
 
+    The same arguments return the same strategy object (TensorFlow expects one per process).
+
     Args:
       name: `"default"` (no distribution), `"mirrored"` (all local GPUs, or the CPU; with
         `cpu_replicas`, that many logical CPUs), `"multi_worker"`
@@ -62,6 +65,13 @@ def make_strategy(name: str = "default", cpu_replicas: int = 0) -> tf.distribute
         )
     if name == "default":
         return tf.distribute.get_strategy()
+    return _new_strategy(name, cpu_replicas)
+
+
+@functools.cache
+def _new_strategy(name: str, cpu_replicas: int) -> tf.distribute.Strategy:
+    """One strategy per kind and process: several MirroredStrategy objects in one process
+    were seen to collide in their collective ops ("Shape mismatch in the collective instance")."""
     if name == "mirrored":
         devices = configure_cpu_replicas(cpu_replicas) if cpu_replicas else None
         return tf.distribute.MirroredStrategy(devices)
