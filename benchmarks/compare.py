@@ -234,6 +234,16 @@ def new_optimizer() -> keras.optimizers.Optimizer:
     return keras.optimizers.Adam(LEARNING_RATE)
 
 
+def hand_setup(workload: Workload) -> tuple[keras.Model, list, keras.optimizers.Optimizer, Any]:
+    """A hand-written loop's model (seeded), its variables, a built Adam and the loss object."""
+    keras.utils.set_random_seed(0)
+    model = workload.build_model()
+    variables = model.trainable_variables
+    optimizer = new_optimizer()
+    optimizer.build(variables)
+    return model, variables, optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
 class HandLoop(Variant):
     """The corrected Example 3 step, called once per batch or `per_call` times in one call.
 
@@ -257,12 +267,8 @@ class HandLoop(Variant):
         self.note = note
 
     def build(self) -> None:
-        keras.utils.set_random_seed(0)
-        self.model = model = self.workload.build_model()
-        variables = model.trainable_variables
-        optimizer = new_optimizer()
-        optimizer.build(variables)
-        loss_object = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        model, variables, optimizer, loss_object = hand_setup(self.workload)
+        self.model = model
         extras = self.extras
         strategy = tf.distribute.get_strategy()
         if "accumulate" in extras:
@@ -354,12 +360,8 @@ class HandArraysXla(Variant):
         self.steps_per_call = per_call
 
     def build(self) -> None:
-        keras.utils.set_random_seed(0)
-        self.model = model = self.workload.build_model()
-        variables = model.trainable_variables
-        optimizer = new_optimizer()
-        optimizer.build(variables)
-        loss_object = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        model, variables, optimizer, loss_object = hand_setup(self.workload)
+        self.model = model
         x, y = self.workload.arrays()
         xs, ys = tf.Variable(x, trainable=False), tf.Variable(y, trainable=False)
         batch_size = self.workload.batch_size
