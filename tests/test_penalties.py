@@ -11,6 +11,7 @@ from array_task import small_model
 
 from tasks.example_penalties import L1, L2SP
 from trainer import L2, ConfigError, DecoupledWeightDecay, SelectiveL2, StepContext
+from trainer.penalties import _square_sum
 
 MODES = (("eager", False), ("tf_function", True))
 
@@ -117,6 +118,38 @@ class L2Test(LossPenaltyTestBase):
 
     def numpy_gradient(self, weight):
         return 2 * 0.01 * weight
+
+
+class SquareSumTest(parameterized.TestCase, tf.test.TestCase):
+    """`_square_sum`, L2's Σw² with a written-out gradient and a matrix-vector reduction."""
+
+    SHAPES = ((), (5,), (7, 3), (3, 3, 4, 8), (2, 3, 1, 5))
+
+    @parameterized.named_parameters(("eager", None), ("tf_function", False), ("xla", True))
+    def test_value_gradient_and_second_derivative_match_numpy(self, jit_compile):
+        """Σx², its gradient 2x and the Hessian-vector product 2v, for ranks 0 to 4."""
+        rng = np.random.RandomState(0)
+        for shape in self.SHAPES:
+            x = tf.constant(np.asarray(rng.randn(*shape), np.float32))
+            v = tf.constant(np.asarray(rng.randn(*shape), np.float32))
+
+            def derivatives(x=x, v=v):
+                with tf.GradientTape() as outer:
+                    outer.watch(x)
+                    with tf.GradientTape() as inner:
+                        inner.watch(x)
+                        value = _square_sum(x)
+                    gradient = inner.gradient(value, x)
+                    directional = tf.reduce_sum(gradient * v)
+                return value, gradient, outer.gradient(directional, x)
+
+            if jit_compile is not None:
+                derivatives = tf.function(derivatives, jit_compile=jit_compile)
+            value, gradient, hvp = derivatives()
+            x64 = x.numpy().astype(np.float64)
+            self.assertAllClose(value, np.sum(x64**2), rtol=1e-6, msg=str(shape))
+            self.assertAllClose(gradient, 2 * x.numpy(), rtol=1e-6, msg=str(shape))
+            self.assertAllClose(hvp, 2 * v.numpy(), rtol=1e-6, msg=str(shape))
 
 
 class SelectiveL2ExcludeTest(LossPenaltyTestBase):

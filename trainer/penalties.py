@@ -57,7 +57,29 @@ def _sum_of_squares(variables: Sequence[Any]) -> tf.Tensor:
     """Σ w² over all `variables`, in float32 whatever the compute dtype."""
     if not variables:
         return tf.constant(0.0)
-    return tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32))) for v in variables])
+    return tf.add_n([_square_sum(tf.cast(v, tf.float32)) for v in variables])
+
+
+@tf.custom_gradient
+def _square_sum(x: tf.Tensor) -> tuple[tf.Tensor, Callable]:
+    """Σ x², with its gradient `2x` written out (one fused op in the backward pass, where
+    the tape's gradient of `reduce_sum(square(x))` is a broadcast and two products).
+
+    A tensor of rank ≥ 2 is reduced as a matrix-vector product of its squared rows with
+    ones: XLA:CPU emits a full reduction as a scalar loop, which made `L2` cost ~10% of the
+    seed MLP's step inside the compiled loop; the product runs vectorized.
+    """
+    last = x.shape[-1] if x.shape.rank is not None and x.shape.rank >= 2 else None
+    if last:
+        rows = tf.reshape(tf.square(x), [-1, last])
+        value = tf.reduce_sum(tf.linalg.matvec(rows, tf.ones([last], x.dtype)))
+    else:
+        value = tf.reduce_sum(tf.square(x))
+
+    def gradient(upstream: tf.Tensor) -> tf.Tensor:
+        return (2.0 * upstream) * x
+
+    return value, gradient
 
 
 class Strength:
