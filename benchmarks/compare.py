@@ -351,13 +351,22 @@ class HandArraysXla(Variant):
     """tapeloop_arrays' options written by hand: in-memory data in variables, batch `t` gathered
     in-graph from a shuffled order (one fixed permutation: cheaper than tapeloop's fresh
     order per epoch), the whole `per_call`-step loop one XLA computation (`tf.while_loop`
-    under `jit_compile=True`); the corrected Example 3 step."""
+    under `jit_compile=True`); the corrected Example 3 step.
+
+    Like Example 3, the loop never reads the loss, so XLA prunes the loss value (its
+    log-sum-exp and sum) and computes only its gradient. `track_loss` makes the loop return
+    the mean loss, as a loop that logs its loss does (tapeloop reports the mean loss
+    breakdown of every loop).
+    """
 
     in_graph_loop = True
 
-    def __init__(self, name, workload, per_call):
+    def __init__(self, name, workload, per_call, track_loss=False, group="main", note=""):
         super().__init__(name, workload)
         self.steps_per_call = per_call
+        self.track_loss = track_loss
+        self.group = group
+        self.note = note
 
     def build(self) -> None:
         model, variables, optimizer, loss_object = hand_setup(self.workload)
@@ -369,25 +378,32 @@ class HandArraysXla(Variant):
         order = tf.Variable(np.random.default_rng(1).permutation(len(x)).astype(np.int32))
         step = tf.Variable(0, dtype=tf.int32, trainable=False)
 
-        def body(i):
+        def body(i, loss_sum):
             indices = tf.gather(order, (step % batches) * batch_size + tf.range(batch_size))
             with tf.GradientTape() as tape:
                 logits = model(tf.gather(xs, indices), training=True)
                 loss = loss_object(tf.gather(ys, indices), logits)
             optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
             step.assign_add(1)
-            return i + 1
+            return i + 1, loss_sum + loss
 
         @tf.function(jit_compile=True)
         def loop(num_steps):
-            tf.while_loop(lambda i: i < num_steps, body, [tf.constant(0)])
+            _, loss_sum = tf.while_loop(
+                lambda i, _: i < num_steps, body, [tf.constant(0), tf.constant(0.0)]
+            )
+            if self.track_loss:
+                return loss_sum / tf.cast(num_steps, tf.float32)
+            return None  # the loss unused: XLA prunes its value
 
         self.fn = loop
 
     def run(self, n: int) -> None:
         calls, rest = divmod(n, self.steps_per_call)
         for k in [self.steps_per_call] * calls + ([rest] if rest else []):
-            self.fn(tf.constant(k, tf.int32))
+            mean_loss = self.fn(tf.constant(k, tf.int32))
+            if self.track_loss:
+                float(mean_loss)  # read back once per call, as tapeloop's progress does
         sync(self.model)
 
     def tracing_count(self) -> int:
@@ -638,6 +654,24 @@ def variants_for(w: Workload, diagnostics: bool) -> list[Variant]:
             variants.append(
                 Tapeloop(name, w, penalties=make, group="penalty", task=ArraysBenchTask)
             )
+    if diagnostics and w.diagnostics and w.name != "cnn":
+        variants += [
+            HandArraysXla(
+                "hand_arrays_xla_loss",
+                w,
+                per_call=spc,
+                track_loss=True,
+                group="diagnostic",
+                note="+ returns the mean loss (its value no longer pruned by XLA)",
+            ),
+            HandArraysXla(
+                "hand_arrays_xla_twin",
+                w,
+                per_call=spc,
+                group="diagnostic",
+                note="a second, identical hand_arrays_xla: the noise floor of the comparison",
+            ),
+        ]
     if diagnostics and w.diagnostics:
         variants += [
             Tapeloop(
@@ -936,6 +970,16 @@ def report_workload(w: Workload, results: list[Result], print_=print) -> dict[st
         "hand_100+all+break",
     ):
         overhead_line(f"diagnostic {name} vs hand_loop_100", name, "hand_loop_100")
+    overhead_line(
+        "diagnostic tapeloop_arrays vs hand_arrays_xla_loss",
+        "tapeloop_arrays",
+        "hand_arrays_xla_loss",
+    )
+    overhead_line(
+        "noise floor: hand_arrays_xla_twin vs hand_arrays_xla (identical)",
+        "hand_arrays_xla_twin",
+        "hand_arrays_xla",
+    )
     overhead_line(
         "diagnostic tapeloop (train()) vs tapeloop_loop_only", "tapeloop", "tapeloop_loop_only"
     )
