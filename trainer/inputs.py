@@ -58,9 +58,9 @@ class InMemoryBatches:
         `perm_epoch` is a 4-round Feistel network on the `k`-bit integers (`2^k ≥ size`),
         its round keys hashed from `(seed, epoch, round)`, restricted to `[0, size)` by cycle
         walking (an image ≥ size is mapped again until it falls inside; as `2^k < 2·size`,
-        an index needs fewer than 2 passes on average). Integer arithmetic, not `tf.random`: stateless
-        random ops draw other numbers under XLA (even with `alg="philox"`), and the order
-        must not depend on whether XLA is on.
+        an index needs fewer than 2 passes on average). Integer arithmetic, not
+        `tf.random`: stateless random ops draw other numbers under XLA (even with
+        `alg="philox"`), and the order must not depend on whether XLA is on.
         """
         bits = max(1, (self.size - 1).bit_length())
         xor, and_, or_ = tf.bitwise.bitwise_xor, tf.bitwise.bitwise_and, tf.bitwise.bitwise_or

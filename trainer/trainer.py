@@ -472,8 +472,9 @@ class Trainer:
         start = self._step.read_value()
         in_memory = iterator is None
         cached = not self._xla_loop  # see InMemoryBatches.indices
-        # In memory, each step computes the next step's example indices and carries them:
-        # computed next to their gather, XLA fused the order's hash into it, per element.
+        # In memory, each step computes the next step's example indices and carries them
+        # (the last step's go unused): computed next to their gather, XLA fused the order's
+        # hash into it, per element.
         indices = self._batches.indices(start, cached) if in_memory else tf.zeros([0], tf.int32)
 
         def body(i, finite, sums, indices, rows, row_steps, count):
