@@ -23,56 +23,54 @@ class L1(Penalty):
 
     Args:
       scale: a non-negative number.
-      include: regex or predicate on `variable.path`.
-      exclude: regex or predicate on `variable.path`.
+      **selection: `include`, `exclude`, `name`; see `Penalty`.
     """
 
     scale = Strength()
+    has_loss = True
 
-    def __init__(self, scale: float = 1e-5, *, include=None, exclude=None):
-        super().__init__(include=include, exclude=exclude)
+    def __init__(self, scale: float = 1e-5, **selection: Any):
+        super().__init__(**selection)
         self.scale = scale
 
     def loss(self, variables: Sequence[Any]) -> tf.Tensor:
         terms = [tf.reduce_sum(tf.abs(tf.cast(v, tf.float32))) for v in variables]
-        return self.strength("scale") * tf.add_n(terms or [tf.constant(0.0)])
-
-    def params(self) -> dict[str, Any]:
-        return {"scale": self.scale}
+        return self.scale * tf.add_n(terms or [tf.constant(0.0)])
 
 
 @register_penalty("l2sp")
 class L2SP(Penalty):
     """L2 toward the starting point: `scale · Σ‖w − w₀‖²` (Li, Grandvalet & Davoine, 2018).
 
-    `w₀` are the weights when the penalty is resolved, i.e. right after `build_model` — the
+    `w₀` are the weights when the penalty is built, i.e. right after `build_model` — the
     pretrained weights when fine-tuning. They are kept in non-trainable variables and
     checkpointed with the run, so a resumed run keeps the original anchor.
 
     Args:
       scale: a non-negative number.
-      include: regex or predicate; by default variables with ndim ≥ 2 (the new head's biases
-        have no meaningful starting point either, so exclude new layers by path).
-      exclude: regex or predicate.
+      **selection: `include`, `exclude` (by default variables with ndim ≥ 2: a new head's
+        biases have no meaningful starting point either, so exclude new layers by path),
+        `name`; see `Penalty`.
     """
 
     scale = Strength()
+    has_loss = True
 
-    def __init__(self, scale: float = 1e-3, *, include=None, exclude=None):
-        super().__init__(include=include, exclude=exclude)
+    def __init__(self, scale: float = 1e-3, **selection: Any):
+        super().__init__(**selection)
         self.scale = scale
         self._anchors: list[tf.Variable] = []
 
     def default_selection(self, variable: Any) -> bool:
         return len(variable.shape) >= 2
 
-    def select(self, variables: Sequence[Any]) -> list[Any]:
-        chosen = super().select(variables)
+    def build(self, variables: Sequence[Any]) -> None:
+        super().build(variables)
         if not self._anchors:
             self._anchors = [
-                tf.Variable(tf.cast(v, tf.float32), trainable=False, name="anchor") for v in chosen
+                tf.Variable(tf.cast(v, tf.float32), trainable=False, name="anchor")
+                for v in variables
             ]
-        return chosen
 
     def loss(self, variables: Sequence[Any]) -> tf.Tensor:
         if not variables:
@@ -81,10 +79,7 @@ class L2SP(Penalty):
             tf.reduce_sum(tf.square(tf.cast(v, tf.float32) - anchor))
             for v, anchor in zip(variables, self._anchors, strict=True)
         ]
-        return self.strength("scale") * tf.add_n(terms)
+        return self.scale * tf.add_n(terms)
 
     def state_variables(self) -> list[tf.Variable]:
         return [*super().state_variables(), *self._anchors]
-
-    def params(self) -> dict[str, Any]:
-        return {"scale": self.scale}

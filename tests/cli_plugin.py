@@ -7,7 +7,6 @@ penalty, `l1_test` (`scale · Σ|w|`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -15,7 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import Penalty, Trainer, register_penalty, register_task
+from trainer import Penalty, Strength, Trainer, register_penalty, register_task
 
 FEATURES = 4
 EXAMPLES = 64
@@ -83,27 +82,14 @@ class TinyNorm(TinyLinear):
 
 @register_penalty("l1_test")
 class L1(Penalty):
-    """`scale · Σ|w|` over the selected variables (all trainable ones by default)."""
+    """`scale · Σ|w|`: a plugin in its simplest form, its strength read as `self.scale`."""
 
-    def __init__(
-        self,
-        scale: float = 0.01,
-        *,
-        include: Any = None,
-        exclude: Any = None,
-        name: str | None = None,
-    ):
-        super().__init__(include=include, exclude=exclude, name=name)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise ValueError(f"`scale` ({scale!r}) must be a number.")
-        if not (math.isfinite(scale) and scale >= 0):
-            raise ValueError(f"`scale` ({scale!r}) must be a non-negative finite number.")
-        self.scale = float(scale)
+    scale = Strength()
+    has_loss = True
+
+    def __init__(self, scale: float = 0.01, **selection: Any):
+        super().__init__(**selection)
+        self.scale = scale
 
     def loss(self, variables: Sequence[Any]) -> tf.Tensor:
-        return self.scale * tf.add_n(
-            [tf.reduce_sum(tf.abs(tf.cast(v, tf.float32))) for v in variables]
-        )
-
-    def params(self) -> dict[str, Any]:
-        return {"scale": self.scale}
+        return self.scale * tf.add_n([tf.reduce_sum(tf.abs(v)) for v in variables])

@@ -1,5 +1,6 @@
 """Checkpoints: exact resume after SIGKILL, SIGTERM preemption, NaNs, foreign and damaged dirs."""
 
+import json
 import os
 import random
 import subprocess
@@ -13,6 +14,8 @@ from array_task import ArrayTask, regression_data, small_model
 
 from trainer import ConfigError, Penalty, Preempted, TrainerOptions
 from trainer.checkpointing import Checkpointer
+from trainer.controller import make_checkpointer
+from trainer.files import write_json
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(TESTS_DIR)
@@ -105,6 +108,8 @@ class ResumeTest(tf.test.TestCase):
 class Poison(Penalty):
     """A penalty that turns infinite from its `at`-th evaluation on (an exploding term)."""
 
+    has_loss = True
+
     def __init__(self, at):
         super().__init__(name="poison")
         self.at = at
@@ -147,7 +152,7 @@ class FailureTest(parameterized.TestCase, tf.test.TestCase):
         model_dir = self.create_tempdir().full_path
         task = self.make_task(model_dir)
         task.train()
-        checkpointer = task._checkpointer(model_dir)
+        checkpointer = make_checkpointer(task, model_dir)
         task.model.layers[0].kernel.assign(np.full((4, 3), np.nan, np.float32))
         with self.assertRaisesRegex(FloatingPointError, r"'net/hidden/kernel'; not saving"):
             checkpointer.save(99)
@@ -190,7 +195,7 @@ class FailureTest(parameterized.TestCase, tf.test.TestCase):
             batch_size=8, train_steps=40, steps_per_loop=10, checkpoint_every=10,
             model_dir=model_dir, resume_from=os.path.join(model_dir, "ckpt-30")))  # fmt: skip
         result = resumed.train()
-        self.assertEqual(result["step"], 40)
+        self.assertEqual(result.step, 40)
         for a, b in zip(resumed.model.get_weights(), task.model.get_weights()):
             self.assertAllClose(a, b, atol=1e-6)
 
@@ -210,6 +215,53 @@ class FailureTest(parameterized.TestCase, tf.test.TestCase):
         Checkpointer(model_dir, task="t", model_variables=model.variables, objects={}).save(1)
         self.assertLen(checkpoint_weights(model_dir), len(model.variables))
         self.assertIsInstance(Preempted(3, "p"), Exception)
+
+
+class UrlModelDirTest(tf.test.TestCase):
+    """A `model_dir` URL (here TensorFlow's in-memory `ram://`) holds the whole run."""
+
+    def test_ram_model_dir_trains_resumes_and_holds_every_file(self):
+        workdir = self.create_tempdir().full_path
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(workdir)  # a local `ram:` folder would appear here
+        model_dir = f"ram://tapeloop_{random.randrange(2**32)}/run"
+        x, y = regression_data(n=64)
+
+        def options(**kwargs):
+            return TrainerOptions(batch_size=8, steps_per_loop=10, checkpoint_every=10, **kwargs)
+
+        ArrayTask(x, y, options(train_steps=20, model_dir=model_dir)).train()
+        resumed = ArrayTask(x, y, options(train_steps=30, model_dir=model_dir))
+        with self.assertLogs(logger="absl", level="INFO") as logs:
+            result = resumed.train()
+        self.assertIn(f"Restored {model_dir}/ckpt-20", "\n".join(logs.output))
+        self.assertEqual(result.step, 30)
+        straight = ArrayTask(x, y, options(train_steps=30))
+        straight.train()
+        for a, b in zip(resumed.model.get_weights(), straight.model.get_weights()):
+            self.assertAllClose(a, b, rtol=1e-5, atol=1e-6)
+
+        with tf.io.gfile.GFile(f"{model_dir}/results.json") as f:
+            self.assertEqual(json.load(f)["step"], 30)
+        files = set(tf.io.gfile.listdir(model_dir))
+        self.assertContainsSubset({"results.json", "tapeloop.json", "checkpoint"}, files)
+        self.assertEqual([f for f in files if ".tmp-" in f or "write_test" in f], [])
+        self.assertEqual(os.listdir(workdir), [])
+
+    def test_results_json_is_strict_json(self):
+        """A NaN metric is written as null: strict JSON readers accept the file."""
+        model_dir = self.create_tempdir().full_path
+        path = os.path.join(model_dir, "results.json")
+        write_json(path, {"eval": {"loss": float("nan"), "accuracy": 0.5}})
+
+        def reject(constant):
+            raise ValueError(f"non-standard JSON constant {constant}")
+
+        with open(path) as f:
+            self.assertEqual(
+                json.loads(f.read(), parse_constant=reject),
+                {"eval": {"loss": None, "accuracy": 0.5}},
+            )
 
 
 if __name__ == "__main__":

@@ -101,6 +101,16 @@ USAGE_ERRORS = [
     ("unhashable_literal", ["--penalty=l2({[]: 1})"], ["'l2({[]: 1})'", "not a literal"]),
     ("bad_penalty_name", ["--penalty=l2(name=1)"], ["`name` (1)"]),
     (
+        "adamw_and_decoupled_decay",
+        ["--optimizer=adamw", "--penalty=decoupled_weight_decay(1e-2)"],
+        ["decayed twice", "DecoupledWeightDecay(rate=0.01)", "AdamW(weight_decay=0.004)"],
+    ),
+    (
+        "import_registers_a_taken_name",
+        ["--import=clash_plugin"],
+        ["penalty name 'l1' is already registered", "clash_plugin.MyL1"],
+    ),
+    (
         "plugin_penalty_rejects_value",
         ["--import=cli_plugin", "--task=tiny_linear", "--penalty=l1_test(-1)"],
         ["'l1_test(-1)'", "`scale` (-1)"],
@@ -172,6 +182,35 @@ class RunTest(CliTestCase):
             train,
         )
         self.assertTrue(math.isfinite(results["eval"]["loss"]), results["eval"])
+
+    def test_plugin_penalty_strength_sweeps(self):
+        """`self.scale` in a plugin's compiled `loss()` follows a sweep without retracing."""
+        result = run_cli(
+            "--import=cli_plugin",
+            "--task=tiny_linear",
+            "--penalty=l1_test(0.01)",
+            "--sweep=l1_test.scale=0,1e-2",
+            "--train_steps=20",
+        )
+        context = f"\nstdout:\n{result.stdout}\nstderr:\n{result.stderr[-4000:]}"
+        self.assertEqual(result.returncode, 0, context)
+        rows = result.stdout.strip().splitlines()[-2:]
+        self.assertEqual([r.split()[0] for r in rows], ["0", "0.01"], context)
+        losses = [float(r.split()[1]) for r in rows]
+        self.assertNotEqual(losses[0], losses[1], context)
+
+    def test_every_option_is_a_flag_of_the_same_name(self):
+        """`--helpfull` lists one flag per TrainerOptions field, its help from the field doc."""
+        import dataclasses
+
+        from trainer.options import TrainerOptions, field_docs
+
+        result = run_cli("--helpfull")
+        docs = field_docs()
+        for field in dataclasses.fields(TrainerOptions):
+            self.assertRegex(result.stdout, rf"--(\[no\])?{field.name}:", field.name)
+            first_words = " ".join(docs[field.name].split()[:4])
+            self.assertIn(first_words, " ".join(result.stdout.split()), field.name)
 
     def test_diverging_run_exits_1_without_traceback(self):
         """A learning rate that blows the loss up: exit 1 and a one-line `trainer:` message."""

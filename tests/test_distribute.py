@@ -76,8 +76,8 @@ class MirroredTest(parameterized.TestCase, tf.test.TestCase):
         replicated, replicated_result = self.train(mirrored, make_optimizer)
         for a, b in zip(single, replicated):
             self.assertAllClose(a, b, atol=1e-5, rtol=0)
-        for name, value in single_result["train"].items():
-            self.assertAllClose(replicated_result["train"][name], value, rtol=1e-5, msg=name)
+        for name, value in single_result.train.items():
+            self.assertAllClose(replicated_result.train[name], value, rtol=1e-5, msg=name)
         unscaled, _ = self.train(mirrored, make_optimizer, UnscaledL2)
         self.assertGreater(max(np.max(np.abs(a - b)) for a, b in zip(single, unscaled)), 1e-3)
         # ...while on one replica the same class is exact: the difference is the scaling.
@@ -207,7 +207,7 @@ class PrecisionAndXlaTest(parameterized.TestCase, tf.test.TestCase):
         self.assertEqual(keras.mixed_precision.global_policy().name, "float32")
         self.assertNotIsInstance(task.optimizer, keras.optimizers.LossScaleOptimizer)
         result = task.train()
-        self.assertTrue(all(np.isfinite(v) for v in result["train"].values()))
+        self.assertTrue(all(np.isfinite(v) for v in result.train.values()))
 
     def test_mixed_float16_adds_loss_scaling(self):
         """float16 needs a LossScaleOptimizer (Keras 3 `scale_loss` in the step); it trains."""
@@ -216,5 +216,5 @@ class PrecisionAndXlaTest(parameterized.TestCase, tf.test.TestCase):
         self.assertIsInstance(task.optimizer, keras.optimizers.LossScaleOptimizer)
         before = task.compute_losses(task.x, task.y)[1]
         result = task.train()
-        self.assertLess(result["train"]["data_loss"], float(before) * 1.5)
-        self.assertTrue(all(np.isfinite(v) for v in result["train"].values()))
+        self.assertLess(result.train["data_loss"], float(before) * 1.5)
+        self.assertTrue(all(np.isfinite(v) for v in result.train.values()))

@@ -179,7 +179,7 @@ class CouplingTest(EquivalenceTestBase):
             lr = 0.1 * 0.8**t
             gradient = 2 * x.T @ (x @ w - y) / y.size
             w = w - decay(lr, 0.1, rate) * w - lr * gradient
-            task._train_loop(iterator, tf.constant(1))
+            task.train_loop.run(1, iterator)
             self.assertAllClose(
                 task.model.get_weights()[0], w, rtol=1e-5, atol=1e-6, msg=f"step {t}"
             )
@@ -202,11 +202,11 @@ class CouplingTest(EquivalenceTestBase):
         )
         before = task.model.get_weights()
         iterator = iter(task.train_dataset())
-        task._train_loop(iterator, tf.constant(1))
+        task.train_loop.run(1, iterator)
         self.assertEqual(int(task.optimizer.iterations), 0)
         self.assertEqual(max_abs_diff(task.model.get_weights(), before), 0.0)
         for _ in range(20):  # the scale halves on each skipped step until gradients are finite
-            task._train_loop(iterator, tf.constant(1))
+            task.train_loop.run(1, iterator)
         self.assertGreater(int(task.optimizer.iterations), 0)
         kernel = task.model.get_weights()[0]
         self.assertLess(np.max(np.abs(kernel)), 0.51 * np.max(np.abs(before[0])))
@@ -289,7 +289,7 @@ class MixedPrecisionTest(EquivalenceTestBase):
         )
         self.assertGreater(abs(in_bf16 - expected) / expected, 1e-4)
         result = task.train()
-        self.assertTrue(all(np.isfinite(v) for v in result["train"].values()))
+        self.assertTrue(all(np.isfinite(v) for v in result.train.values()))
 
 
 if __name__ == "__main__":

@@ -126,9 +126,9 @@ class FastPathTest(parameterized.TestCase, tf.test.TestCase):
     def test_xla_loop_matches_graph_and_eager(self):
         """Auto XLA over the whole loop ≡ the plain graph ≡ eager, to float32 rounding."""
         xla, _ = self.train()
-        self.assertTrue(xla._xla_loop)
+        self.assertTrue(xla.train_loop.xla)
         plain, _ = self.train(opts={"jit_compile": False})
-        self.assertFalse(plain._xla_loop)
+        self.assertFalse(plain.train_loop.xla)
         eager, _ = self.train(opts={"use_tf_function": False})
         for other in (plain, eager):
             for a, b in zip(xla.model.get_weights(), other.model.get_weights()):
@@ -145,10 +145,10 @@ class FastPathTest(parameterized.TestCase, tf.test.TestCase):
                 )
 
         on_gpu = bool(tf.config.list_logical_devices("GPU"))
-        self.assertTrue(ArraysTask(options())._auto_xla())
-        self.assertEqual(ConvTask(options())._auto_xla(), on_gpu)
-        self.assertTrue(ConvTask(options(jit_compile=True))._auto_xla())
-        self.assertFalse(ArraysTask(options(jit_compile=False))._auto_xla())
+        self.assertTrue(ArraysTask(options()).train_loop.xla)
+        self.assertEqual(ConvTask(options()).train_loop.xla, on_gpu)
+        self.assertTrue(ConvTask(options(jit_compile=True)).train_loop.xla)
+        self.assertFalse(ArraysTask(options(jit_compile=False)).train_loop.xla)
 
     def test_falls_back_when_xla_cannot_compile(self):
         """A loss XLA cannot compile (a py_function): a warning, then the same training."""
@@ -159,10 +159,10 @@ class FastPathTest(parameterized.TestCase, tf.test.TestCase):
         with self.assertLogs(logger="absl", level="WARNING") as logs:
             fallback, _ = self.train(loss_fn=lambda y, p: tf.reshape(opaque_mse(y, p), [-1]))
         self.assertIn("XLA could not compile the train loop", "\n".join(logs.output))
-        self.assertFalse(fallback._xla_loop)
+        self.assertFalse(fallback.train_loop.xla)
         plain, _ = self.train(opts={"jit_compile": False})
         for a, b in zip(fallback.model.get_weights(), plain.model.get_weights()):
-            self.assertAllClose(a, b, atol=1e-6, rtol=0)
+            self.assertAllClose(a, b, atol=1e-6, rtol=1e-6)
 
     def test_resume_is_bit_identical(self):
         """20 steps, a fresh Trainer resuming to 30 ≡ 30 steps straight (deterministic)."""
@@ -173,7 +173,7 @@ class FastPathTest(parameterized.TestCase, tf.test.TestCase):
         broken = {**straight, "model_dir": os.path.join(root, "broken")}
         self.train(opts={**broken, "train_steps": 20})
         resumed, result = self.train(opts=broken)
-        self.assertEqual(result["step"], 30)
+        self.assertEqual(result.step, 30)
         for a, b in zip(resumed.model.get_weights(), reference.model.get_weights()):
             np.testing.assert_array_equal(a, b)
 
@@ -190,14 +190,14 @@ class FastPathTest(parameterized.TestCase, tf.test.TestCase):
         """Rows recorded inside the compiled loop, written right after it: same tags."""
         model_dir = self.create_tempdir().full_path
         task, result = self.train(opts={"model_dir": model_dir, "summary_every": 5})
-        self.assertTrue(task._xla_loop)
+        self.assertTrue(task.train_loop.xla)
         scalars, _, _ = read_events(model_dir)
         self.assertEqual([s for s, _ in scalars["loss/total"]], [5, 10, 15, 20])
         self.assertIn("decay/decoupled_weight_decay", scalars)
         total, data, l2 = (dict(scalars[t]) for t in ("loss/total", "loss/data", "loss/penalty/l2"))
         for step in total:
             self.assertAllClose(total[step], data[step] + l2[step], rtol=1e-6)
-        self.assertAllClose(dict(scalars["eval/loss"])[20], result["eval"]["loss"])
+        self.assertAllClose(dict(scalars["eval/loss"])[20], result.eval["loss"])
 
     def test_keras_model_fit_is_not_disturbed(self):
         """The global state tapeloop touches (policy, seeds) leaves plain Keras working."""

@@ -10,7 +10,15 @@ from absl.testing import parameterized
 from array_task import small_model
 
 from tasks.example_penalties import L1, L2SP
-from trainer import L2, ConfigError, DecoupledWeightDecay, SelectiveL2, StepContext
+from trainer import (
+    L2,
+    ConfigError,
+    DecoupledWeightDecay,
+    Penalty,
+    SelectiveL2,
+    StepContext,
+    Strength,
+)
 from trainer.penalties import _square_sum
 
 MODES = (("eager", False), ("tf_function", True))
@@ -46,6 +54,7 @@ class PenaltyTestBase(parameterized.TestCase, tf.test.TestCase):
             v.assign(rng.randn(*v.shape).astype(np.float32))
         self.penalty = self.make_penalty()
         self.selected = self.penalty.select(self.model.trainable_variables)
+        self.penalty.build(self.selected)
 
     def test_selection(self):
         """The penalty resolves exactly the expected variables, in model order."""
@@ -254,6 +263,7 @@ class DecoupledWeightDecayTest(PenaltyTestBase):
         """One update multiplies selected weights by (1 − decay) and leaves the rest alone."""
         penalty = DecoupledWeightDecay(4e-3, coupling=coupling)
         selected = penalty.select(self.model.trainable_variables)
+        penalty.build(selected)
         before = {v.path: v.numpy() for v in self.model.trainable_variables}
         context = StepContext(learning_rate=tf.constant(0.05), schedule_multiplier=tf.constant(0.5))
         _run(lambda: penalty.update(selected, context), use_tf_function)
@@ -261,6 +271,99 @@ class DecoupledWeightDecayTest(PenaltyTestBase):
         for v in self.model.trainable_variables:
             factor = 1 - decay if v.path in chosen else 1.0
             self.assertAllClose(v.numpy(), before[v.path] * factor, rtol=1e-6, msg=v.path)
+
+
+class TwoStrengths(Penalty):
+    """A plugin in the simplest form: strengths read as attributes inside `loss`."""
+
+    l1 = Strength()
+    l2 = Strength()
+    has_loss = True
+
+    def __init__(self, l1=1e-3, l2=1e-2, **selection):
+        super().__init__(**selection)
+        self.l1, self.l2 = l1, l2
+
+    def loss(self, variables):
+        return tf.add_n(
+            [self.l1 * tf.reduce_sum(tf.abs(v)) + self.l2 * tf.reduce_sum(tf.square(v))
+             for v in variables]
+        )  # fmt: skip
+
+
+class PluginApiTest(parameterized.TestCase, tf.test.TestCase):
+    """What a plugin author relies on: strengths as attributes, `**selection`, declarations."""
+
+    def setUp(self):
+        super().setUp()
+        self.model = small_model()
+        self.variables = self.model.trainable_variables
+
+    def test_select_is_a_pure_query_and_build_makes_the_state(self):
+        penalty = TwoStrengths(exclude="bias|norm")
+        selected = penalty.select(self.variables)
+        self.assertEqual([v.path for v in selected], ["net/hidden/kernel", "net/out/kernel"])
+        self.assertFalse(penalty.built)
+        self.assertEqual(penalty.state_variables(), [])
+        penalty.build(selected)
+        self.assertLen(penalty.state_variables(), 2)
+
+    def test_strengths_read_as_variables_when_compiled_and_floats_outside(self):
+        """`self.l1 * ...` in a traced loss follows later assignments without retracing."""
+        penalty = TwoStrengths(name="elastic", include="kernel")
+        selected = penalty.select(self.variables)
+        penalty.build(selected)
+        weights = [v.numpy().astype(np.float64) for v in selected]
+
+        def numpy_loss(l1, l2):
+            return sum(l1 * np.abs(w).sum() + l2 * (w**2).sum() for w in weights)
+
+        fn = tf.function(lambda: penalty.loss(selected))
+        self.assertAllClose(fn(), numpy_loss(1e-3, 1e-2), rtol=1e-6)
+        penalty.l1, penalty.l2 = 0.5, 0.0
+        self.assertAllClose(fn(), numpy_loss(0.5, 0.0), rtol=1e-6)
+        self.assertAllClose(penalty.loss(selected), numpy_loss(0.5, 0.0), rtol=1e-6)
+        self.assertEqual(fn.experimental_get_tracing_count(), 1)
+        self.assertIsInstance(penalty.l1, float)
+        self.assertEqual(penalty.params(), {"l1": 0.5, "l2": 0.0})
+        self.assertEqual(
+            repr(penalty), "TwoStrengths(l1=0.5, l2=0.0, include='kernel', name='elastic')"
+        )
+
+    def test_strength_read_in_a_function_before_build_is_an_error(self):
+        """Unbuilt, the value would be frozen into the graph: say so instead."""
+        penalty = TwoStrengths()
+        with self.assertRaisesRegex(
+            RuntimeError, r"TwoStrengths.l1 .*before the penalty was built"
+        ):
+            tf.function(lambda: penalty.loss(self.variables))()
+
+    def test_undeclared_or_missing_methods_fail_at_class_definition(self):
+        with self.assertRaisesRegex(TypeError, r"declare `has_loss = True`"):
+
+            class Undeclared(Penalty):
+                def loss(self, variables):
+                    return tf.constant(0.0)
+
+        with self.assertRaisesRegex(TypeError, r"declare `has_update = True`.*not implemented"):
+
+            class Missing(Penalty):
+                has_update = True
+
+        class Neither(Penalty):
+            pass
+
+        with self.assertRaisesRegex(TypeError, r"must implement loss\(\) or update\(\)"):
+            Neither()
+
+    def test_spec_errors_list_the_selection_keywords(self):
+        """`**selection` is shown as the keywords it accepts, and a typo is one line."""
+        from trainer import parse_penalty_spec
+
+        with self.assertRaisesRegex(ConfigError, r"'inclde'.*l1\(scale=1e-05, \*, include=None"):
+            parse_penalty_spec("l1(1e-3, inclde='kernel')")
+        penalty = parse_penalty_spec("l1(1e-3, include='kernel', name='l1_kernels')")
+        self.assertEqual(repr(penalty), "L1(scale=0.001, include='kernel', name='l1_kernels')")
 
 
 class ValidationTest(parameterized.TestCase):

@@ -73,17 +73,17 @@ class _TfdsTaskTest(tf.test.TestCase):
 
     def test_train_reports_steps_and_finite_losses(self):
         """train() runs every step and reports finite train losses and one final eval."""
-        self.assertEqual(self.result["step"], TRAIN_STEPS)
+        self.assertEqual(self.result.step, TRAIN_STEPS)
         self.assertEqual(self.trainer.step, TRAIN_STEPS)
-        self.assertIn("loss", self.result["train"])
-        for name, value in self.result["train"].items():
+        self.assertIn("loss", self.result.train)
+        for name, value in self.result.train.items():
             self.assertTrue(math.isfinite(value), f"train {name}={value}")
-        self.assertLen(self.result["history"], 1)
-        self.assertEqual(self.result["history"][0]["step"], TRAIN_STEPS)
+        self.assertLen(self.result.history, 1)
+        self.assertEqual(self.result.history[0]["step"], TRAIN_STEPS)
 
     def test_eval_reports_accuracy_in_unit_interval_and_finite_loss(self):
         """The result's eval dict has accuracy in [0, 1] and a finite, non-negative loss."""
-        eval_logs = self.result["eval"]
+        eval_logs = self.result.eval
         self.assertContainsSubset({"loss", "accuracy"}, set(eval_logs))
         self.assertBetween(eval_logs["accuracy"], 0.0, 1.0)
         self.assertTrue(math.isfinite(eval_logs["loss"]))
@@ -255,10 +255,10 @@ class SyntheticTest(tf.test.TestCase):
         initial = trainer.evaluate(train_data)["loss"]
         result = trainer.train()
         final = trainer.evaluate(train_data)["loss"]
-        self.assertEqual(result["step"], 300)
+        self.assertEqual(result.step, 300)
         self.assertTrue(math.isfinite(initial) and math.isfinite(final), (initial, final))
         self.assertLess(final, 0.5 * initial)
-        self.assertTrue(math.isfinite(result["eval"]["loss"]))
+        self.assertTrue(math.isfinite(result.eval["loss"]))
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ class SummariesTest(tf.test.TestCase):
         self.assertAllClose(dict(scalars["norm/decoupled_weight_decay"])[20],
                             np.sqrt(sum(np.sum(w.astype(np.float64) ** 2) for w in kernels)),
                             rtol=1e-5)  # fmt: skip
-        self.assertAllClose(dict(scalars["eval/loss"])[20], result["eval"]["loss"], rtol=1e-6)
+        self.assertAllClose(dict(scalars["eval/loss"])[20], result.eval["loss"], rtol=1e-6)
         self.assertRegex(texts["penalties"], r"net/hidden/bias +\(3,\) +3  l2\n")
         self.assertIn("covered by no penalty: 0 variables", texts["penalties"])
 
@@ -93,7 +93,7 @@ class SweepTest(tf.test.TestCase):
         task = ArrayTask(x, y, options, penalties=[SelectiveL2(1e-3, exclude="bias")])
         spec = parse_sweep("selective_l2.scale=0,0.01,1")
         results, table = run_sweep(task, spec)
-        self.assertEqual(task._replica_step.experimental_get_tracing_count(), 1)
+        self.assertEqual(task.train_loop.trace_counts()["step"], 1)
         self.assertEqual([r["value"] for r in results], [0.0, 0.01, 1.0])
         losses = [r["eval"]["loss"] for r in results]
         self.assertLen(set(losses), 3)
@@ -101,7 +101,7 @@ class SweepTest(tf.test.TestCase):
         fresh = ArrayTask(x, y, TrainerOptions(batch_size=16, train_steps=30, steps_per_loop=10,
                                                learning_rate=0.05),
                           penalties=[SelectiveL2(0.01, exclude="bias")])  # fmt: skip
-        self.assertAllClose(fresh.train()["eval"]["loss"], losses[1], rtol=1e-5)
+        self.assertAllClose(fresh.train().eval["loss"], losses[1], rtol=1e-5)
         lines = table.splitlines()
         self.assertIn("selective_l2.scale  held-out loss (min is best)", lines[0])
         best = int(np.argmin(losses))

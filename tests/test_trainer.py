@@ -2,6 +2,7 @@
 
 import json
 import os
+from typing import ClassVar
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -79,8 +80,8 @@ class SeedExamplesTest(tf.test.TestCase):
         result = task.train()
         self.assertLess(float(task.compute_losses(self.x, self.y)[0]), data + penalty)
         self.assertAllClose(
-            result["train"]["loss"],
-            result["train"]["data_loss"] + result["train"]["keras_regularizers"],
+            result.train["loss"],
+            result.train["data_loss"] + result.train["keras_regularizers"],
             rtol=1e-6,
         )
 
@@ -169,29 +170,29 @@ class TrainerLoopTest(parameterized.TestCase, tf.test.TestCase):
         """Loops of 4, 4 and 2 steps and a new λ all run from one trace."""
         task = self.make_task(train_steps=10, steps_per_loop=4)
         task.train()
-        self.assertEqual(task._train_loop.experimental_get_tracing_count(), 1)
+        self.assertEqual(task.train_loop.trace_counts(), {"step": 1, "loop": 1})
         task.penalties[0].scale = 0.5
-        means, _ = task._train_loop(iter(task.train_dataset()), tf.constant(3))
-        self.assertEqual(task._train_loop.experimental_get_tracing_count(), 1)
-        self.assertGreater(float(means[task.loss_names.index("penalty/selective_l2")]), 0)
+        means, _ = task.train_loop.run(3, iter(task.train_dataset()))
+        self.assertEqual(task.train_loop.trace_counts(), {"step": 1, "loop": 1})
+        self.assertGreater(means["penalty/selective_l2"], 0)
 
     def test_result_breakdown_and_evaluation(self):
         """Total = data + penalty in the logs; `evaluate` equals the NumPy mean squared error."""
         task = self.make_task()
         result = task.train()
-        train = result["train"]
+        train = result.train
         self.assertEqual(set(train), {"loss", "data_loss", "penalty/selective_l2"})
         self.assertAllClose(train["loss"], train["data_loss"] + train["penalty/selective_l2"])
         predictions = task.model.predict(task.x, verbose=0)
         expected = np.mean((task.y - predictions) ** 2)
-        self.assertAllClose(result["eval"]["loss"], expected, rtol=1e-5)
-        self.assertEqual(result["step"], 12)
-        self.assertEqual(result["history"][-1]["step"], 12)
+        self.assertAllClose(result.eval["loss"], expected, rtol=1e-5)
+        self.assertEqual(result.step, 12)
+        self.assertEqual(result.history[-1]["step"], 12)
 
     def test_eval_every_sets_evaluation_points(self):
         task = self.make_task(train_steps=10, steps_per_loop=4, eval_every=3)
         result = task.train()
-        self.assertEqual([h["step"] for h in result["history"]], [3, 6, 9, 10])
+        self.assertEqual([h["step"] for h in result.history], [3, 6, 9, 10])
 
     def test_penalty_table_shows_coverage_per_variable(self):
         """Each variable with the penalties covering it; uncovered ones and totals stand out."""
@@ -211,7 +212,7 @@ class TrainerLoopTest(parameterized.TestCase, tf.test.TestCase):
         task = self.make_task(model_dir=os.path.join(model_dir, "run"))
         result = task.train()
         with open(os.path.join(model_dir, "run", "results.json")) as f:
-            self.assertEqual(json.load(f)["train"], result["train"])
+            self.assertEqual(json.load(f)["train"], result.train)
 
     def test_scalar_compute_loss_is_rejected(self):
         """A reduced (scalar) loss would be averaged twice under tf.distribute: refuse it."""
@@ -245,6 +246,103 @@ class TrainerLoopTest(parameterized.TestCase, tf.test.TestCase):
     def test_bad_options(self, options, message):
         with self.assertRaisesRegex(ConfigError, message):
             TrainerOptions(**options)
+
+
+def decayed_rows(table: str) -> set[str]:
+    """The variable paths whose row in a penalty table names the optimizer's weight decay."""
+    return {line.split()[0] for line in table.splitlines() if "optimizer_weight_decay," in line
+            or line.endswith("optimizer_weight_decay")}  # fmt: skip
+
+
+class DecayVisibilityTest(parameterized.TestCase, tf.test.TestCase):
+    """Every decay shows in the penalty table, none is doubled (the optimizer's own included)."""
+
+    def task(self, optimizer="adam", penalties=()):
+        """`optimizer`: a name for `TrainerOptions`, or a function making an optimizer."""
+        x, y = regression_data(n=64)
+        name, make = (optimizer, None) if isinstance(optimizer, str) else ("adam", optimizer)
+        options = TrainerOptions(batch_size=16, train_steps=1, learning_rate=0.1, optimizer=name)
+        return ArrayTask(x, y, options, optimizer=make, penalties=penalties,
+                         loss_fn=lambda labels, outputs: 0.0 * mse(labels, outputs))  # fmt: skip
+
+    def changed_by_one_step(self, task) -> set[str]:
+        """Paths of the variables one step moves. The loss is 0·MSE, so its gradients are 0
+        and Adam's update is 0: only a decay can move a weight."""
+        rng = np.random.RandomState(0)
+        for v in task.model.trainable_variables:  # biases and norms away from 0 and 1
+            v.assign(rng.randn(*v.shape).astype(np.float32))
+        before = {v.path: v.numpy() for v in task.model.trainable_variables}
+        task.train_loop.run(1, iter(task.train_dataset()))
+        return {
+            v.path for v in task.model.trainable_variables if np.any(v.numpy() != before[v.path])
+        }
+
+    def test_adamw_decays_every_variable_and_the_table_says_so(self):
+        """`optimizer="adamw"` (Keras' AdamW, weight_decay 0.004): every variable moves, and
+        every row of the table names the optimizer's decay."""
+        task = self.task(optimizer="adamw")
+        table = task.penalty_table()
+        self.assertIn("AdamW(weight_decay=0.004), the optimizer's own", table)
+        paths = {v.path for v in task.model.trainable_variables}
+        self.assertEqual(decayed_rows(table), paths)
+        self.assertEqual(self.changed_by_one_step(task), paths)
+
+    def test_exclude_from_weight_decay_is_honoured(self):
+        """An optimizer that excludes biases and norms: the table shows exactly what moves."""
+
+        def adamw():
+            optimizer = keras.optimizers.AdamW(0.1, weight_decay=0.5)
+            optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+            return optimizer
+
+        task = self.task(optimizer=adamw)
+        decayed = decayed_rows(task.penalty_table())
+        self.assertEqual(decayed, {"net/hidden/kernel", "net/out/kernel"})
+        self.assertEqual(self.changed_by_one_step(task), decayed)
+
+    def test_no_decay_no_row(self):
+        task = self.task(optimizer=lambda: keras.optimizers.Adam(0.1))
+        self.assertEqual(decayed_rows(task.penalty_table()), set())
+        self.assertEqual(self.changed_by_one_step(task), set())
+
+    @parameterized.named_parameters(
+        ("adamw_and_decoupled", "adamw", [DecoupledWeightDecay(1e-2)],
+         r"'net/hidden/kernel' would be decayed twice, by DecoupledWeightDecay\(rate=0.01\) and "
+         r"by AdamW\(weight_decay=0.004\), the optimizer's own"),
+        ("two_decoupled", "adam",
+         [DecoupledWeightDecay(1e-2), DecoupledWeightDecay(1e-3, include="out", name="wd2")],
+         r"'net/out/kernel' would be decayed twice, by DecoupledWeightDecay\(rate=0.01\) and "
+         r"by DecoupledWeightDecay\(rate=0.001, include='out', name='wd2'\)"),
+    )  # fmt: skip
+    def test_two_decays_on_one_variable_are_refused(self, optimizer, penalties, message):
+        x, y = regression_data(n=64)
+        task = ArrayTask(x, y, TrainerOptions(optimizer=optimizer), penalties=penalties)
+        with self.assertRaisesRegex(ConfigError, message):
+            task.build()
+
+    def test_decay_and_l2_on_one_variable_are_allowed(self):
+        """L2 is a loss term, not a decay: with decoupled decay it is not double-counting."""
+        task = self.task(penalties=[L2(1e-3), DecoupledWeightDecay(1e-2)])
+        self.assertIn("l2, decoupled_weight_decay", task.penalty_table())
+
+
+class OptionsTest(tf.test.TestCase):
+    def test_make_options_applies_task_defaults_then_overrides(self):
+        class Defaults(ArrayTask):
+            default_options: ClassVar[dict] = {"batch_size": 8, "learning_rate": 0.5}
+
+        options = Defaults.make_options(learning_rate=0.25)
+        self.assertEqual((options.batch_size, options.learning_rate), (8, 0.25))
+        self.assertEqual(options.train_steps, TrainerOptions().train_steps)
+
+    def test_unknown_option_names_are_refused(self):
+        class Typo(ArrayTask):
+            default_options: ClassVar[dict] = {"batchsize": 8}
+
+        with self.assertRaisesRegex(ConfigError, r"Typo default_options: 'batchsize' is not"):
+            Typo.make_options()
+        with self.assertRaisesRegex(ConfigError, r"options: 'lr' is not a TrainerOptions field"):
+            ArrayTask.make_options(lr=0.1)
 
 
 if __name__ == "__main__":

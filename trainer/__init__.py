@@ -1,6 +1,9 @@
 """tapeloop: custom TensorFlow 2 training loops with regularization done right."""
 
+from trainer.controller import Controller, Preempted, TrainResult
 from trainer.errors import ConfigError
+from trainer.loop import TrainLoop
+from trainer.options import TrainerOptions, make_optimizer
 from trainer.penalties import L2, DecoupledWeightDecay, Penalty, SelectiveL2, StepContext, Strength
 from trainer.registry import (
     get_penalty,
@@ -11,21 +14,25 @@ from trainer.registry import (
     register_task,
     task_names,
 )
-from trainer.trainer import Preempted, Trainer, TrainerOptions
+from trainer.trainer import Trainer
 
 __all__ = [
     "L2",
     "ConfigError",
+    "Controller",
     "DecoupledWeightDecay",
     "Penalty",
     "Preempted",
     "SelectiveL2",
     "StepContext",
     "Strength",
+    "TrainLoop",
+    "TrainResult",
     "Trainer",
     "TrainerOptions",
     "get_penalty",
     "get_task",
+    "make_optimizer",
     "parse_penalty_spec",
     "penalty_names",
     "register_penalty",

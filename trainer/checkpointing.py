@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -12,8 +10,9 @@ from typing import Any
 import tensorflow as tf
 from absl import logging
 
+from trainer import files
 from trainer.errors import ConfigError
-from trainer.penalties import variable_path
+from trainer.selection import variable_path
 
 METADATA = "tapeloop.json"
 
@@ -74,11 +73,14 @@ class Checkpointer:
         setattr(self._checkpoint, name, trackable)
 
     def _check_metadata(self) -> None:
-        path = os.path.join(self.directory, METADATA)
-        if not os.path.exists(path):
+        saved = files.read_json(files.join(self.directory, METADATA))
+        if saved is None:
             return
-        with open(path) as f:
-            saved = json.load(f)
+        if not isinstance(saved, dict):
+            raise ConfigError(
+                f"`model_dir` ({self.directory!r}) has a {METADATA} that is not a tapeloop run's; "
+                "use another --model_dir."
+            )
         if saved.get("task") != self._metadata["task"]:
             raise ConfigError(
                 f"`model_dir` ({self.directory!r}) holds a run of task {saved.get('task')!r}, "
@@ -135,8 +137,7 @@ class Checkpointer:
                 )
         path = self._manager.save(checkpoint_number=step)
         if self.chief:
-            with open(os.path.join(self.directory, METADATA), "w") as f:
-                json.dump(self._metadata, f)
+            files.write_json(files.join(self.directory, METADATA), self._metadata)
         return path
 
     def close(self) -> None:

@@ -7,7 +7,7 @@ import os
 
 import tensorflow as tf
 
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, check_choice, check_integer
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 
@@ -39,6 +39,20 @@ def configure_cpu_replicas(count: int) -> list[str]:
     return [f"/cpu:{i}" for i in range(count)]
 
 
+def check_strategy(name: str, cpu_replicas: int) -> None:
+    """Checks a strategy name and its `cpu_replicas`.
+
+    Raises:
+      ConfigError: an unknown name, a bad count, or `cpu_replicas` with another strategy.
+    """
+    check_choice("strategy", name, STRATEGIES)
+    check_integer("cpu_replicas", cpu_replicas, 0, 1024)
+    if cpu_replicas and name != "mirrored":
+        raise ConfigError(
+            f"`cpu_replicas` ({cpu_replicas}) needs strategy 'mirrored', not {name!r}."
+        )
+
+
 def make_strategy(name: str = "default", cpu_replicas: int = 0) -> tf.distribute.Strategy:
     """A `tf.distribute.Strategy` by name.
 
@@ -55,14 +69,7 @@ def make_strategy(name: str = "default", cpu_replicas: int = 0) -> tf.distribute
     Raises:
       ConfigError: an unknown name, or `cpu_replicas` with another strategy.
     """
-    if name not in STRATEGIES:
-        raise ConfigError(f"`strategy` ({name!r}) must be one of {', '.join(STRATEGIES)}.")
-    if isinstance(cpu_replicas, bool) or not isinstance(cpu_replicas, int) or cpu_replicas < 0:
-        raise ConfigError(f"`cpu_replicas` ({cpu_replicas!r}) must be an integer >= 0.")
-    if cpu_replicas and name != "mirrored":
-        raise ConfigError(
-            f"`cpu_replicas` ({cpu_replicas}) needs strategy 'mirrored', not {name!r}."
-        )
+    check_strategy(name, cpu_replicas)
     if name == "default":
         return tf.distribute.get_strategy()
     return _new_strategy(name, cpu_replicas)
@@ -81,6 +88,20 @@ def _new_strategy(name: str, cpu_replicas: int) -> tf.distribute.Strategy:
     tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
     return tf.distribute.TPUStrategy(resolver)
+
+
+def check_jit_compile(jit_compile: bool | None, strategy: tf.distribute.Strategy) -> None:
+    """Raises if `jit_compile=True` would put several logical-CPU replicas on one device.
+
+    Raises:
+      ConfigError: XLA places every logical CPU replica on /cpu:0.
+    """
+    devices = local_devices(strategy)
+    if jit_compile is True and len(devices) > 1 and all("CPU" in d for d in devices):
+        raise ConfigError(
+            f"`jit_compile` (True) cannot run {len(devices)} replicas on logical CPU devices: "
+            "XLA places them all on /cpu:0. Use one CPU replica, or GPUs."
+        )
 
 
 def is_default(strategy: tf.distribute.Strategy) -> bool:

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import typing
 
 import tensorflow as tf
 from absl import app, flags, logging
 
 from trainer import registry
-from trainer.distribution import STRATEGIES
+from trainer.controller import Preempted
 from trainer.errors import ConfigError
+from trainer.options import CHOICES, TrainerOptions, field_docs
 from trainer.progress import format_losses
 from trainer.summaries import write_text
 from trainer.sweep import parse_sweep, run_sweep
-from trainer.trainer import OPTIMIZERS, Preempted, TrainerOptions
 
 _TASK = flags.DEFINE_string("task", "synthetic", "Registered task to run.")
 _PENALTY = flags.DEFINE_multi_string(
@@ -26,48 +27,6 @@ _PENALTY = flags.DEFINE_multi_string(
 _IMPORT = flags.DEFINE_multi_string(
     "import", [], "Python module to import before running (registers user tasks and penalties)."
 )
-_OPTIMIZER = flags.DEFINE_enum("optimizer", None, OPTIMIZERS, "Optimizer (default: the task's).")
-_LEARNING_RATE = flags.DEFINE_float("learning_rate", None, "Learning rate (default: the task's).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global batch size (default: the task's).")
-_TRAIN_STEPS = flags.DEFINE_integer("train_steps", None, "Training steps (default: the task's).")
-_STEPS_PER_LOOP = flags.DEFINE_integer(
-    "steps_per_loop", None, "Steps per tf.function call and progress line (default: the task's)."
-)
-_EVAL_EVERY = flags.DEFINE_integer(
-    "eval_every", None, "Evaluate every N steps; 0: only at the end (default: the task's)."
-)
-_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Directory for results (none by default).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory (default: TFDS').")
-_SEED = flags.DEFINE_integer("seed", None, "Random seed (default: the task's).")
-_STRATEGY = flags.DEFINE_enum(
-    "strategy",
-    None,
-    STRATEGIES,
-    "tf.distribute strategy (default: none; multi_worker reads TF_CONFIG).",
-)
-_CPU_REPLICAS = flags.DEFINE_integer(
-    "cpu_replicas", None, "With --strategy=mirrored: mirror over N logical CPU devices (testing)."
-)
-_MIXED_PRECISION = flags.DEFINE_enum(
-    "mixed_precision",
-    None,
-    ["mixed_bfloat16", "mixed_float16"],
-    "Mixed precision policy; mixed_bfloat16 on CPUs (float16 is very slow there).",
-)
-_JIT_COMPILE = flags.DEFINE_bool("jit_compile", None, "Compile the train step with XLA.")
-_CHECKPOINT_EVERY = flags.DEFINE_integer(
-    "checkpoint_every", None, "With --model_dir: checkpoint every N steps; 0: only at the end."
-)
-_RESUME_FROM = flags.DEFINE_string(
-    "resume_from", None, "Checkpoint to resume from instead of the latest (e.g. DIR/ckpt-2000)."
-)
-_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "Export the trained model as a SavedModel.")
-_DETERMINISTIC = flags.DEFINE_bool(
-    "deterministic", None, "Op determinism: a resumed run ends bit-identical to an unbroken one."
-)
-_SUMMARY_EVERY = flags.DEFINE_integer(
-    "summary_every", None, "With --model_dir: TensorBoard scalars every N steps; 0: none."
-)
 _DESCRIBE = flags.DEFINE_bool(
     "describe", False, "Print which variables each penalty covers (and which none), then exit."
 )
@@ -76,32 +35,36 @@ _SWEEP = flags.DEFINE_string(
     None,
     "Train one run per value of a penalty strength, e.g. 'selective_l2.scale=1e-5,1e-4,1e-3'.",
 )
-_USE_TF_FUNCTION = flags.DEFINE_bool(
-    "use_tf_function", True, "Run the train step as a tf.function; false runs it eagerly."
-)
 
-# Flag name -> TrainerOptions field, for flags that override the task's defaults when given.
-_OPTION_FLAGS = {
-    "optimizer": _OPTIMIZER,
-    "learning_rate": _LEARNING_RATE,
-    "batch_size": _BATCH_SIZE,
-    "train_steps": _TRAIN_STEPS,
-    "steps_per_loop": _STEPS_PER_LOOP,
-    "eval_every": _EVAL_EVERY,
-    "model_dir": _MODEL_DIR,
-    "data_dir": _DATA_DIR,
-    "seed": _SEED,
-    "use_tf_function": _USE_TF_FUNCTION,
-    "strategy": _STRATEGY,
-    "cpu_replicas": _CPU_REPLICAS,
-    "mixed_precision": _MIXED_PRECISION,
-    "jit_compile": _JIT_COMPILE,
-    "checkpoint_every": _CHECKPOINT_EVERY,
-    "resume_from": _RESUME_FROM,
-    "export_dir": _EXPORT_DIR,
-    "deterministic": _DETERMINISTIC,
-    "summary_every": _SUMMARY_EVERY,
-}
+
+def _define_option_flags() -> dict[str, flags.FlagHolder]:
+    """One flag per `TrainerOptions` field, of the same name, with the field's doc as help.
+
+    Every flag defaults to None: a flag not given keeps the task's `default_options` (and
+    then the field's default).
+    """
+    docs, types = field_docs(), typing.get_type_hints(TrainerOptions)
+    holders = {}
+    for field in dataclasses.fields(TrainerOptions):
+        name, kind = field.name, types[field.name]
+        text = f"{docs[field.name]} (default: the task's, else {field.default!r})"
+        if name in CHOICES:
+            choices = [c for c in CHOICES[name] if c is not None]
+            holders[name] = flags.DEFINE_enum(name, None, choices, text)
+        elif kind in (bool, bool | None):
+            holders[name] = flags.DEFINE_bool(name, None, text)
+        elif kind is int:
+            holders[name] = flags.DEFINE_integer(name, None, text)
+        elif kind is float:
+            holders[name] = flags.DEFINE_float(name, None, text)
+        elif kind in (str, str | None):
+            holders[name] = flags.DEFINE_string(name, None, text)
+        else:
+            raise TypeError(f"TrainerOptions.{name}: no flag type for {kind}.")
+    return holders
+
+
+_OPTION_FLAGS = _define_option_flags()
 
 
 def _fail(message: str) -> None:
@@ -128,9 +91,7 @@ def build_trainer():
     task = registry.get_task(_TASK.value)
     penalties = [registry.parse_penalty_spec(spec) for spec in _PENALTY.value]
     overrides = {name: flag.value for name, flag in _OPTION_FLAGS.items() if flag.value is not None}
-    defaults = dataclasses.replace(TrainerOptions(), **getattr(task, "default_options", {}))
-    options = dataclasses.replace(defaults, **overrides)
-    return task(options, penalties=penalties)
+    return task(task.make_options(**overrides), penalties=penalties)
 
 
 def describe(trainer) -> None:
@@ -169,10 +130,10 @@ def main(argv: list[str]) -> None:
         print(f"trainer: {e}", file=sys.stderr)
         sys.exit(Preempted.EXIT_STATUS)
     print(
-        f"{_TASK.value}: {result['step']} steps, {result['steps_per_sec']:.0f} steps/s after a "
-        f"{result['first_loop_sec']:.1f} s first loop (tracing, compiling)\n"
-        f"  train (last loop): {format_losses(result['train'])}\n"
-        f"  eval: {format_losses(result['eval']) or '(no eval dataset)'}"
+        f"{_TASK.value}: {result.step} steps, {result.steps_per_sec:.0f} steps/s after a "
+        f"{result.first_loop_sec:.1f} s first loop (tracing, compiling)\n"
+        f"  train (last loop): {format_losses(result.train)}\n"
+        f"  eval: {format_losses(result.eval) or '(no eval dataset)'}"
     )
 
 

@@ -28,9 +28,10 @@ def _register(table: dict[str, type], kind: str, name: str) -> Callable[[type], 
             cls.__module__,
             cls.__qualname__,
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"{kind} name {name!r} is already registered to "
-                f"{existing.__module__}.{existing.__qualname__}."
+                f"{existing.__module__}.{existing.__qualname__}; register "
+                f"{cls.__module__}.{cls.__qualname__} under another name."
             )
         table[name] = cls
         cls.registered_name = name
@@ -97,10 +98,12 @@ def import_modules(names: Iterable[str]) -> None:
 
 
 def task_names() -> list[str]:
+    """The registered task names, sorted."""
     return sorted(_TASKS)
 
 
 def penalty_names() -> list[str]:
+    """The registered penalty names, sorted."""
     return sorted(_PENALTIES)
 
 
@@ -138,6 +141,31 @@ def _literal(spec: str, node: ast.AST) -> Any:
         ) from e
 
 
+def constructor_signature(cls: type) -> inspect.Signature:
+    """`cls(...)`'s signature, without annotations, with a pass-through `**kwargs` (e.g. a
+    penalty's `**selection`) replaced by the keyword-only parameters of the base-class
+    constructors it reaches (`include`, `exclude`, `name`)."""
+    keyword, var = inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.VAR_KEYWORD
+    parameters: dict[str, inspect.Parameter] = {}
+    passes_on = True
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        own = list(inspect.signature(init).parameters.values())[1:]  # without self
+        first = not parameters
+        for p in own:
+            if p.kind != var and (first or p.kind == keyword):
+                parameters.setdefault(p.name, p.replace(annotation=inspect.Parameter.empty))
+        passes_on = any(p.kind == var for p in own)
+        if not passes_on:
+            break
+    if passes_on:
+        parameters["kwargs"] = inspect.Parameter("kwargs", var)
+    ordered = sorted(parameters.values(), key=lambda p: p.kind)  # a stable sort: kinds in order
+    return inspect.Signature(ordered)
+
+
 def parse_penalty_spec(spec: str) -> Any:
     """Builds a penalty from a spec in Python-call syntax, without `eval`.
 
@@ -171,12 +199,7 @@ def parse_penalty_spec(spec: str) -> Any:
         raise ConfigError(f"Penalty spec {spec!r}: * and ** arguments are not allowed.")
     args = [_literal(spec, arg) for arg in node.args]
     kwargs = {kw.arg: _literal(spec, kw.value) for kw in node.keywords}
-    signature = inspect.signature(cls)
-    signature = signature.replace(
-        parameters=[
-            p.replace(annotation=inspect.Parameter.empty) for p in signature.parameters.values()
-        ]
-    )
+    signature = constructor_signature(cls)
     try:
         signature.bind(*args, **kwargs)
     except TypeError as e:

@@ -1,27 +1,108 @@
-"""The coverage table: which penalties cover each trainable variable, and which none cover."""
+"""The coverage table: which penalties and decays cover each trainable variable, and which none."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
 
-from trainer.penalties import Penalty, variable_path
+from trainer.errors import ConfigError
+from trainer.selection import variable_path
 
 
-def coverage_table(
-    variables: Sequence[Any], selections: Sequence[tuple[Penalty, Sequence[Any]]]
-) -> str:
-    """A text table: each variable's path, shape, parameter count and covering penalties.
+@dataclasses.dataclass(frozen=True)
+class Coverage:
+    """One row group of the table: something that acts on a set of variables.
 
-    Variables no penalty covers are marked `-- none --`, so that biases, normalization
-    parameters and embeddings left out (or wrongly included) stand out. Totals per penalty
-    and for the uncovered variables follow, then each penalty's `repr`.
+    Attributes:
+      name: the short name in the `penalties` column (a penalty's `name`).
+      description: the long form listed under the table (a penalty's `repr`).
+      variables: the variables it acts on.
+      decays: whether it decays its variables directly (a decoupled penalty's update or the
+        optimizer's own `weight_decay`); two decays on one variable are an error.
+    """
+
+    name: str
+    description: str
+    variables: Sequence[Any]
+    decays: bool = False
+
+
+def optimizer_decay(optimizer: Any, variables: Sequence[Any]) -> Coverage | None:
+    """The optimizer's own weight decay as a `Coverage`, or None when it has none.
+
+    Keras optimizers all take `weight_decay` (`AdamW` defaults to 0.004, on every variable):
+    the variables it decays are those `exclude_from_weight_decay` did not exclude.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    rate = getattr(inner, "weight_decay", None)
+    if not rate:
+        return None
+    # Keras' own test of its exclusion lists (ids and name patterns), so the table shows
+    # exactly the variables `apply_gradients` decays.
+    decayed = [v for v in variables if inner._use_weight_decay(v)]
+    if not decayed:
+        return None
+    return Coverage(
+        name="optimizer_weight_decay",
+        description=f"{type(inner).__name__}(weight_decay={rate:g}), the optimizer's own",
+        variables=decayed,
+        decays=True,
+    )
+
+
+def check_single_decay(coverages: Sequence[Coverage]) -> None:
+    """Raises if a variable is decayed directly by two mechanisms.
+
+    Raises:
+      ConfigError: naming the variable and both mechanisms.
+    """
+    first: dict[int, Coverage] = {}
+    for coverage in coverages:
+        if not coverage.decays:
+            continue
+        for v in coverage.variables:
+            other = first.setdefault(id(v), coverage)
+            if other is not coverage:
+                raise ConfigError(
+                    f"{variable_path(v)!r} would be decayed twice, by {other.description} and "
+                    f"by {coverage.description}; keep one (e.g. --optimizer=adam with "
+                    "decoupled_weight_decay, or exclude the variable from one of them)."
+                )
+
+
+def coverage(
+    selections: Sequence[tuple[Any, Sequence[Any]]], optimizer: Any, variables: Sequence[Any]
+) -> list[Coverage]:
+    """What acts on `variables`: each penalty's selection, then the optimizer's own decay.
+
+    Args:
+      selections: `(penalty, selected variables)` pairs.
+      optimizer: the optimizer, whose `weight_decay` counts as a decay.
+      variables: the trainable variables.
+
+    Raises:
+      ConfigError: a variable is decayed by two mechanisms (see `check_single_decay`).
+    """
+    entries = [Coverage(p.name, repr(p), v, decays=p.has_update) for p, v in selections]
+    decay = optimizer_decay(optimizer, variables)
+    entries += [decay] if decay else []
+    check_single_decay(entries)
+    return entries
+
+
+def coverage_table(variables: Sequence[Any], coverages: Sequence[Coverage]) -> str:
+    """A text table: each variable's path, shape, parameter count and what covers it.
+
+    Variables nothing covers are marked `-- none --`, so that biases, normalization
+    parameters and embeddings left out (or wrongly included) stand out. Totals per entry
+    and for the uncovered variables follow, then each entry's description.
     """
     covering = {id(v): [] for v in variables}
-    for penalty, selected in selections:
-        for v in selected:
-            covering[id(v)].append(penalty.name)
+    for coverage in coverages:
+        for v in coverage.variables:
+            covering[id(v)].append(coverage.name)
     rows = [("variable", "shape", "params", "penalties")]
     for v in variables:
         names = covering[id(v)]
@@ -36,10 +117,11 @@ def coverage_table(
     lines = [line(r) for r in rows]
     total = sum(math.prod(v.shape) for v in variables)
     lines.append(f"{len(variables)} trainable variables, {total:,} parameters")
-    for penalty, selected in selections:
-        count = sum(math.prod(v.shape) for v in selected)
+    for coverage in coverages:
+        count = sum(math.prod(v.shape) for v in coverage.variables)
         lines.append(
-            f"  {penalty.name}: {len(selected)} variables, {count:,} parameters  {penalty!r}"
+            f"  {coverage.name}: {len(coverage.variables)} variables, {count:,} parameters  "
+            f"{coverage.description}"
         )
     uncovered = [v for v in variables if not covering[id(v)]]
     count = sum(math.prod(v.shape) for v in uncovered)

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any
 
 import tensorflow as tf
 
-from trainer import summaries
+from trainer import files, summaries
 from trainer.errors import ConfigError
-from trainer.penalties import Strength
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +55,7 @@ def _target(trainer: Any, spec: SweepSpec) -> Any:
             f"{', '.join(by_name) or 'none'}; add it with --penalty."
         )
     penalty = by_name[spec.penalty]
-    strengths = [n for n in dir(type(penalty)) if isinstance(getattr(type(penalty), n), Strength)]
+    strengths = penalty.strength_names()
     if spec.attribute not in strengths:
         raise ConfigError(
             f"--sweep: {spec.attribute!r} is not a strength of {penalty!r}; "
@@ -87,14 +85,14 @@ def run_sweep(trainer: Any, spec: SweepSpec) -> tuple[list[dict[str, Any]], str]
     for value in spec.values:
         trainer.set_state(initial)
         setattr(penalty, spec.attribute, value)
-        run_dir = os.path.join(base_dir, f"{spec.hparam}={value:g}") if base_dir else None
+        run_dir = files.join(base_dir, f"{spec.hparam}={value:g}") if base_dir else None
         trainer.options = dataclasses.replace(trainer.options, model_dir=run_dir)
         result = trainer.train()
         if run_dir and trainer.is_chief:
             writer = tf.summary.create_file_writer(run_dir)
             summaries.write_hparams(writer, {spec.hparam: value}, trial_id=f"{value:g}")
             writer.close()
-        results.append({"value": value, **result})
+        results.append({"value": value, **result.to_dict()})
     trainer.options = dataclasses.replace(trainer.options, model_dir=base_dir)
     return results, _table(spec, results, metric, mode)
 

@@ -1,0 +1,212 @@
+"""The outer loop: model_dir, checkpoint and eval cadence, SIGTERM, progress, results, export."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from absl import logging
+
+from trainer import files, summaries
+from trainer.checkpointing import Checkpointer
+from trainer.distribution import is_default
+from trainer.progress import Progress, format_losses
+
+
+class Preempted(Exception):
+    """`train()` saved a checkpoint on SIGTERM and stopped; rerunning resumes.
+
+    Attributes:
+      step: the step saved.
+    """
+
+    EXIT_STATUS = 42  # the CLI's exit status, as TensorFlow's PreemptionCheckpointHandler
+
+    def __init__(self, step: int, path: str):
+        super().__init__(f"Preempted (SIGTERM): saved step {step} to {path}; rerun to resume.")
+        self.step = step
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `Trainer.train()` returns; `results.json` in `model_dir` is `to_dict()`.
+
+    Attributes:
+      step: the step reached.
+      steps_per_sec: the training rate after the first loop (0.0 when only one loop ran).
+      first_loop_sec: the first loop's time, tracing and compiling included.
+      train: the loss breakdown (`loss`, `data_loss`, `penalty/<name>`, ...), mean of the
+        last loop; empty when nothing was trained.
+      eval: the held-out metrics at the end; empty without an eval dataset.
+      history: the evaluations during training, `{"step": ..., **metrics}` each.
+    """
+
+    step: int
+    steps_per_sec: float = 0.0
+    first_loop_sec: float = 0.0
+    train: dict[str, float] = dataclasses.field(default_factory=dict)
+    eval: dict[str, float] = dataclasses.field(default_factory=dict)
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a dict (what `results.json` holds)."""
+        return dataclasses.asdict(self)
+
+
+def make_checkpointer(trainer: Any, model_dir: str) -> Checkpointer:
+    """A `Checkpointer` of `trainer`'s whole state in `model_dir`."""
+    return Checkpointer(
+        model_dir,
+        task=trainer.registered_name or type(trainer).__name__,
+        model_variables=list(trainer.model.variables),
+        objects=trainer.checkpoint_objects(),
+        chief=trainer.is_chief,
+    )
+
+
+class Controller:
+    """Runs a Trainer's training: loops between evaluations, checkpoints and signals.
+
+    Everything that happens between two calls of the compiled loop lives here.
+
+    Args:
+      trainer: the `Trainer` to run, with its `options`.
+    """
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+        self.options = trainer.options
+
+    def train(self) -> TrainResult:
+        """Trains to `options.train_steps`, resuming from `model_dir`'s checkpoint if any.
+
+        Evaluates as `options.eval_every` says, checkpoints as `options.checkpoint_every`
+        says, and on SIGTERM saves and raises `Preempted`. A run already at `train_steps` is
+        evaluated, not retrained. With `model_dir`, writes `results.json` there.
+
+        Raises:
+          FloatingPointError: a loss term or weight became non-finite (the message names the
+            step and the term); nothing non-finite is saved.
+          Preempted: SIGTERM arrived; a checkpoint was saved.
+          ConfigError: `model_dir` is unwritable, or holds another task's or model's run.
+        """
+        trainer, opts = self.trainer, self.options
+        model_dir = files.writable_dir("model_dir", opts.model_dir) if opts.model_dir else None
+        loop = trainer.train_loop
+        checkpointer = make_checkpointer(trainer, model_dir) if model_dir else None
+        iterator = None
+        if not loop.in_memory and is_default(trainer.strategy):
+            iterator = iter(trainer.train_dataset())
+            if checkpointer:
+                checkpointer.track("iterator", iterator)
+        if checkpointer:
+            checkpointer.restore(opts.resume_from)
+        if not loop.in_memory and iterator is None:  # a distributed iterator cannot be saved
+            iterator = iter(trainer.distribute(trainer.train_dataset().skip(trainer.step)))
+        if trainer.step >= opts.train_steps:
+            logging.info("Already at step %d of %d: not training.", trainer.step, opts.train_steps)
+        if loop.set_summary_dir(model_dir if trainer.is_chief else None):
+            summaries.write_text(loop.writer, "penalties", trainer.penalty_table(), trainer.step)
+        try:
+            with _sigterm_flag() as preempted:
+                result = self._loops(iterator, checkpointer, preempted)
+        finally:
+            if loop.writer is not None:
+                loop.writer.flush()
+        if checkpointer:
+            checkpointer.close()
+        if opts.export_dir and trainer.is_chief:
+            trainer.model.export(opts.export_dir, verbose=False)
+        if model_dir and trainer.is_chief:
+            files.write_json(files.join(model_dir, "results.json"), result.to_dict())
+        return result
+
+    def _next_stop(self, step: int) -> int:
+        """The step the next loop ends at: cut short at eval and checkpoint boundaries."""
+        opts = self.options
+        stop = min(step + opts.steps_per_loop, opts.train_steps)
+        for every in (opts.eval_every, opts.checkpoint_every if opts.model_dir else 0):
+            if every:
+                stop = min(stop, (step // every + 1) * every)
+        return stop
+
+    def _loops(self, iterator: Any, checkpointer: Checkpointer | None, preempted) -> TrainResult:
+        trainer, opts = self.trainer, self.options
+        loop = trainer.train_loop
+        step = start_step = trainer.step
+        result = TrainResult(step)
+        progress = Progress(opts.train_steps)
+        start = time.perf_counter()
+        first_loop_steps = 0
+        while step < opts.train_steps:
+            loop_start, loop_first = time.perf_counter(), step
+            result.train, step = loop.run(self._next_stop(step) - step, iterator)
+            _check_finite(result.train, step)
+            rate = (step - loop_first) / (time.perf_counter() - loop_start)
+            if not first_loop_steps:  # includes tracing and compiling
+                result.first_loop_sec = time.perf_counter() - start
+                first_loop_steps = step - loop_first
+            progress.update(step, rate, result.train)
+            self._write_scalars(step, {"steps_per_sec": rate})
+            done = step >= opts.train_steps
+            if checkpointer and (
+                done
+                or preempted.is_set()
+                or (opts.checkpoint_every and step % opts.checkpoint_every == 0)
+            ):
+                path = checkpointer.save(step)
+                if preempted.is_set() and not done:
+                    raise Preempted(step, path)
+            if done or (opts.eval_every and step % opts.eval_every == 0):
+                result.eval = trainer.evaluate()
+                if result.eval:
+                    result.history.append({"step": step, **result.eval})
+                    progress.message(f"eval at step {step}  {format_losses(result.eval)}")
+                    self._write_scalars(step, {f"eval/{k}": v for k, v in result.eval.items()})
+        progress.close()
+        if not result.eval and step >= opts.train_steps:
+            result.eval = trainer.evaluate()
+        # The rate after the first loop, whose time (tracing, XLA compiling) is reported apart.
+        elapsed = time.perf_counter() - start - result.first_loop_sec
+        steady = step - start_step - first_loop_steps
+        result.step = step
+        result.steps_per_sec = steady / elapsed if steady and elapsed > 0 else 0.0
+        return result
+
+    def _write_scalars(self, step: int, values: dict[str, float]) -> None:
+        writer = self.trainer.train_loop.writer
+        if writer is not None:
+            summaries.write_scalars(writer, step, values)
+
+
+def _check_finite(logs: dict[str, float], step: int) -> None:
+    bad = [name for name, value in logs.items() if name != "loss" and not math.isfinite(value)]
+    if bad or not math.isfinite(logs.get("loss", 0.0)):
+        raise FloatingPointError(
+            f"Non-finite loss at step {step}: "
+            + ", ".join(f"{n}={logs[n]}" for n in (bad or ["loss"]))
+            + "; the last checkpoint, if any, is from before it."
+        )
+
+
+@contextlib.contextmanager
+def _sigterm_flag() -> Iterator[threading.Event]:
+    """An Event set on SIGTERM while the block runs; the previous handler is restored after.
+
+    Outside the main thread (where Python cannot install handlers) the event is never set.
+    """
+    event = threading.Event()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
+    try:
+        yield event
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

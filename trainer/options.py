@@ -1,0 +1,131 @@
+"""TrainerOptions: every training option, validated once, here; and `make_optimizer`."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import keras
+
+from trainer.distribution import STRATEGIES, check_strategy
+from trainer.errors import ConfigError, check_choice, check_integer, check_positive
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad", "nadam")
+MIXED_PRECISION = (None, "mixed_bfloat16", "mixed_float16")
+# Options whose values come from a fixed list: the CLI makes them enum flags.
+CHOICES = {"optimizer": OPTIMIZERS, "strategy": STRATEGIES, "mixed_precision": MIXED_PRECISION}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerOptions:
+    """How to train: the optimizer, batch, step counts and where to write.
+
+    Each field is also a command-line flag of the same name (`--learning_rate=...`), with
+    the text below as its help.
+
+    Attributes:
+      optimizer: the optimizer of the default `Trainer.build_optimizer`: sgd, momentum (SGD
+        with momentum 0.9), adam, adamw (Keras AdamW: weight_decay 0.004 on every trainable
+        variable, shown in the penalty table), rmsprop, adagrad or nadam.
+      learning_rate: the optimizer's learning rate, positive.
+      batch_size: examples per training step (the global batch), positive.
+      train_steps: total optimizer steps, positive.
+      steps_per_loop: steps run inside one tf.function call, between progress lines;
+        positive. Larger is faster; results do not depend on it.
+      eval_every: evaluate every this many steps (a loop is cut short to end there); 0
+        evaluates only at the end.
+      model_dir: directory (a local path or a tf.io.gfile URL such as gs://...) for
+        checkpoints, TensorBoard summaries and results.json; None writes nothing.
+      data_dir: where TFDS tasks look for prepared data; None for TFDS' default.
+      seed: seeds Python, NumPy, TensorFlow and Keras for initialisation and shuffling.
+      use_tf_function: False runs the very same step eagerly, for debugging.
+      strategy: the tf.distribute strategy: default (none), mirrored (all local GPUs),
+        multi_worker (cluster from TF_CONFIG) or tpu; ignored when the Trainer is given a
+        strategy object.
+      cpu_replicas: with strategy mirrored, mirror over this many logical CPUs (for
+        testing); 0 uses the real devices.
+      mixed_precision: None, mixed_bfloat16 (the CPU choice) or mixed_float16 (GPUs; adds a
+        LossScaleOptimizer). Weights and penalties stay float32.
+      jit_compile: XLA. None (the default) compiles the whole multi-step loop when the task
+        gives train_arrays, there is no distribution strategy and the model has no
+        convolutions on a CPU-only machine, and falls back without XLA if it does not
+        compile; True compiles the loop (or, with a tf.data input, the step) always; False
+        never.
+      checkpoint_every: with model_dir, save a checkpoint every this many steps (and at the
+        end, and on SIGTERM); 0 saves only at the end and on SIGTERM.
+      resume_from: a checkpoint path (<model_dir>/ckpt-<step>) to resume from instead of
+        the latest one, e.g. when the latest is damaged.
+      export_dir: write the trained model there as a SavedModel (model.export).
+      deterministic: enable TensorFlow's op determinism, so that a resumed run ends with
+        weights bit-identical to an uninterrupted one.
+      summary_every: with model_dir, write TensorBoard scalars every this many steps from
+        inside the train loop; 0 writes none.
+    """
+
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    batch_size: int = 128
+    train_steps: int = 1000
+    steps_per_loop: int = 100
+    eval_every: int = 0
+    model_dir: str | None = None
+    data_dir: str | None = None
+    seed: int = 0
+    use_tf_function: bool = True
+    strategy: str = "default"
+    cpu_replicas: int = 0
+    mixed_precision: str | None = None
+    jit_compile: bool | None = None
+    checkpoint_every: int = 1000
+    resume_from: str | None = None
+    export_dir: str | None = None
+    deterministic: bool = False
+    summary_every: int = 100
+
+    def __post_init__(self):
+        for name in ("batch_size", "train_steps", "steps_per_loop"):
+            check_integer(name, getattr(self, name), 1)
+        for name in ("eval_every", "checkpoint_every", "summary_every"):
+            check_integer(name, getattr(self, name), 0)
+        check_integer("seed", self.seed, 0, 2**32 - 1)
+        check_positive("learning_rate", self.learning_rate)
+        for name, choices in CHOICES.items():
+            check_choice(name, getattr(self, name), choices)
+        check_strategy(self.strategy, self.cpu_replicas)
+        for name in ("use_tf_function", "deterministic"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"`{name}` ({getattr(self, name)!r}) must be True or False.")
+        if self.jit_compile not in (None, True, False):
+            raise ConfigError(f"`jit_compile` ({self.jit_compile!r}) must be None, True or False.")
+
+
+def field_docs() -> dict[str, str]:
+    """Each `TrainerOptions` field's text from the class docstring's `Attributes:` section."""
+    section = TrainerOptions.__doc__.split("Attributes:", 1)[1]
+    docs: dict[str, str] = {}
+    name = None
+    for line in section.splitlines():
+        match = re.match(r"^ {6}(\w+): (.*)$", line)
+        if match:
+            name = match.group(1)
+            docs[name] = match.group(2)
+        elif name and line.strip():
+            docs[name] += " " + line.strip()
+    return docs
+
+
+def make_optimizer(name: str, learning_rate: Any) -> keras.optimizers.Optimizer:
+    """A Keras optimizer by name: one of `OPTIMIZERS`.
+
+    `"momentum"` is SGD with momentum 0.9; `"adamw"` is Keras' `AdamW` with its own default
+    `weight_decay` (0.004, on every trainable variable unless `exclude_from_weight_decay` is
+    called), which the Trainer's penalty table shows.
+
+    Raises:
+      ConfigError: an unknown name.
+    """
+    check_choice("optimizer", name, OPTIMIZERS)
+    if name == "momentum":
+        return keras.optimizers.SGD(learning_rate, momentum=0.9)
+    return keras.optimizers.get({"class_name": name, "config": {"learning_rate": learning_rate}})
