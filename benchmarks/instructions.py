@@ -13,7 +13,7 @@ Usage (from the repository root, with the project installed and valgrind on the 
     python benchmarks/instructions.py --summarize callgrind.steps
 
 The run builds four seed-MLP loops (in memory, whole loop under XLA, one TensorFlow thread):
-the hand-written loop (`compare.HandArraysXla`), the same returning its mean loss, tapeloop's
+the hand-written loop (`variants.HandArraysXla`), the same returning its mean loss, tapeloop's
 `train_arrays` defaults, and those with L2 + DecoupledWeightDecay. Each is compiled and run
 once untimed, then each runs `--steps` steps twice, round-robin, each pass ending in a
 `getppid()` call that makes callgrind dump its counters (dump 1 is the setup). `--summarize`
@@ -38,19 +38,20 @@ def run(steps: int) -> None:
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import compare as c
+    from variants import HandArraysXla, Tapeloop
+    from workloads import ArraysBenchTask, Workload, seed_mlp
 
     from trainer import L2, DecoupledWeightDecay
 
-    w = c.Workload("seed_mlp", "", c.seed_mlp, (784,), 128, 8192, 200, 1)
+    w = Workload("seed_mlp", "", seed_mlp, (784,), 128, 8192, 200, 1)
     variants = [
-        c.HandArraysXla(VARIANTS[0], w, 100),
-        c.HandArraysXla(VARIANTS[1], w, 100, track_loss=True),
-        c.Tapeloop(VARIANTS[2], w, task=c.ArraysBenchTask),
-        c.Tapeloop(
+        HandArraysXla(VARIANTS[0], w, 100),
+        HandArraysXla(VARIANTS[1], w, 100, track_loss=True),
+        Tapeloop(VARIANTS[2], w, task=ArraysBenchTask),
+        Tapeloop(
             VARIANTS[3],
             w,
-            task=c.ArraysBenchTask,
+            task=ArraysBenchTask,
             penalties=lambda: [L2(1e-4), DecoupledWeightDecay(1e-2)],
         ),
     ]

@@ -44,19 +44,18 @@ for name, every in (("no summaries", 0), ("summary_every=100", 100)):
         TrainerOptions(batch_size=128, steps_per_loop=1000, summary_every=every),
         penalties=[L2(1e-4), DecoupledWeightDecay(1e-2)],
     )
-    t.build()
-    it = t._make_input(None)
+    loop = t.train_loop  # builds the model and loads the arrays
     if every:
-        t._use_writer(tempfile.mkdtemp())
-    t._run_train_loop(it, 1000)
-    runs[name] = (t, it, [])
+        loop.set_summary_dir(tempfile.mkdtemp())
+    loop.run(1000)
+    runs[name] = (loop, [])
 for _ in range(7):
-    for t, it, times in runs.values():
+    for loop, times in runs.values():
         s = time.perf_counter()
-        t._run_train_loop(it, 1000)
+        loop.run(1000)
         times.append(time.perf_counter() - s)
-base = statistics.median(runs["no summaries"][2])
-for name, (_, _, times) in runs.items():
+base = statistics.median(runs["no summaries"][1])
+for name, (_, times) in runs.items():
     m = statistics.median(times)
     print(
         f"{name}: {1000 / m:.0f} steps/s (median of 7 x 1000 steps), {100 * (m / base - 1):+.1f}%"
