@@ -80,10 +80,12 @@ class MirroredTest(parameterized.TestCase, tf.test.TestCase):
             self.assertAllClose(replicated_result.train[name], value, rtol=1e-5, msg=name)
         unscaled, _ = self.train(mirrored, make_optimizer, UnscaledL2)
         self.assertGreater(max(np.max(np.abs(a - b)) for a, b in zip(single, unscaled)), 1e-3)
-        # ...while on one replica the same class is exact: the difference is the scaling.
+        # ...while on one replica the same class lands within a few float32 ulps: the
+        # difference is the scaling. Not bit-exact: the extra `* 1` changes the graph, and with
+        # it the order in which Grappler and oneDNN reduce (1 ulp apart on AVX-512 machines).
         one, _ = self.train(tf.distribute.get_strategy(), make_optimizer, UnscaledL2)
         for a, b in zip(single, one):
-            self.assertAllClose(a, b, atol=1e-7, rtol=0)
+            self.assertAllClose(a, b, atol=1e-6, rtol=1e-6)
 
     def test_strategy_options_are_validated(self):
         with self.assertRaisesRegex(ConfigError, r"`strategy` \('mirror'\)"):
