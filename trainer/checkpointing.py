@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -27,23 +29,31 @@ class Checkpointer:
 
     The checkpoint lists the model's variables explicitly (`tf.train.Checkpoint(model=...)`
     silently misses layers kept in Python lists and Keras seed-generator state), and holds the
-    optimizer's variables, the step, penalty strengths and, when given, the input iterator.
-    A `tapeloop.json` beside it records the task and the model's variable table, so that a
-    `model_dir` written by another task or model is refused, when the Checkpointer is made,
-    with a clear message.
+    optimizer's variables, the step, each penalty's state keyed by the penalty's name (so
+    that penalties may be added, removed or reordered between runs) and, when given, the
+    input iterator. A `tapeloop.json` beside it records the task, the model's variable table
+    and the run's settings: a `model_dir` written by another task or model is refused when
+    the Checkpointer is made, and `saved_settings` lets a resumed run say what changed.
+
+    A missing, empty or garbled `checkpoint` state file beside checkpoint files is rebuilt
+    from the files (the newest readable checkpoint becomes the latest), never ignored.
 
     Args:
       directory: the run's `model_dir`.
       task: the task's name, recorded and checked.
       model_variables: all of the model's variables (trainable or not).
-      objects: other trackables by name (optimizer variables, step, strengths); more can be
-        added with `track` before `restore`.
+      objects: other trackables by name (optimizer variables, step) that every checkpoint
+        of the run holds; more can be added with `track` before `restore`.
+      penalty_states: each penalty's state variables by penalty name; restored for the
+        names a checkpoint holds, the others keep their values.
+      settings: what this run was configured with, recorded in `tapeloop.json` on save.
       chief: whether this process owns `directory`; other workers of a multi-worker run write
         to a temporary directory that is removed at `close()`, and restore from `directory`.
       max_to_keep: checkpoints kept.
 
     Raises:
-      ConfigError: `directory` holds a run of another task or model.
+      ConfigError: `directory` holds a run of another task or model, or checkpoints of which
+        none is readable and no valid state file.
     """
 
     def __init__(
@@ -53,29 +63,47 @@ class Checkpointer:
         task: str,
         model_variables: Sequence[Any],
         objects: dict[str, Any],
+        penalty_states: dict[str, Sequence[Any]] | None = None,
+        settings: dict[str, Any] | None = None,
         chief: bool = True,
         max_to_keep: int = 3,
     ):
         self.directory = directory
         self.chief = chief
-        self._metadata = {"task": task, "variables": variable_table(model_variables)}
+        self._metadata = {
+            "task": task,
+            "variables": variable_table(model_variables),
+            "settings": settings or {},
+        }
         self._model_variables = list(model_variables)
-        self._checkpoint = tf.train.Checkpoint(model_variables=self._model_variables, **objects)
+        self._core = {"model_variables": self._model_variables, **objects}
+        self._penalties = {name: list(v) for name, v in (penalty_states or {}).items() if v}
+        self._checkpoint = tf.train.Checkpoint(**self._core, penalties=dict(self._penalties))
+        self.saved_settings = self._check_metadata()
+        if chief:
+            self._recover_state_file()
         write_dir = directory if chief else tempfile.mkdtemp(prefix="tapeloop_worker_")
         self._manager = tf.train.CheckpointManager(
             self._checkpoint, write_dir, max_to_keep=max_to_keep
         )
         self._reader = tf.train.CheckpointManager(self._checkpoint, directory, max_to_keep=None)
-        self._check_metadata()
 
     def track(self, name: str, trackable: Any) -> None:
         """Adds `trackable` (e.g. the input iterator) to what is saved and restored."""
+        self._core[name] = trackable
         setattr(self._checkpoint, name, trackable)
 
-    def _check_metadata(self) -> None:
+    @property
+    def latest(self) -> str | None:
+        """The checkpoint a restore without `resume_from` would use, if any."""
+        return self._reader.latest_checkpoint
+
+    def _check_metadata(self) -> dict[str, Any] | None:
+        """The settings of the run recorded here (None without a record), after checking
+        that it is this task's run of this model."""
         saved = files.read_json(files.join(self.directory, METADATA))
         if saved is None:
-            return
+            return None
         if not isinstance(saved, dict):
             raise ConfigError(
                 f"`model_dir` ({self.directory!r}) has a {METADATA} that is not a tapeloop run's; "
@@ -95,31 +123,92 @@ class Checkpointer:
                 f"`model_dir` ({self.directory!r}) holds a different model "
                 f"({'; '.join(sorted(diffs)[:3])}); use another --model_dir."
             )
+        return saved.get("settings")
+
+    def _checkpoint_files(self) -> list[str]:
+        """The checkpoint prefixes in `directory`, oldest step first."""
+        found = []
+        for index in tf.io.gfile.glob(files.join(self.directory, "ckpt-*.index")):
+            match = re.search(r"ckpt-(\d+)\.index$", index)
+            if match:
+                found.append((int(match.group(1)), index[: -len(".index")]))
+        return [path for _, path in sorted(found)]
+
+    def _recover_state_file(self) -> None:
+        """Rebuilds a missing, empty or garbled state file from the checkpoint files."""
+        found = self._checkpoint_files()
+        if not found:
+            return
+        try:
+            state = tf.train.get_checkpoint_state(self.directory)
+            if state is not None and state.model_checkpoint_path:
+                return
+        except Exception:  # a garbled file fails in several ways, all handled
+            pass
+        readable = [p for p in reversed(found) if readable_checkpoint(p)]
+        names = ", ".join(os.path.basename(p) for p in found)
+        if not readable:
+            raise ConfigError(
+                f"`model_dir` ({self.directory!r}) has no valid 'checkpoint' state file and none "
+                f"of its checkpoints ({names}) is readable; use another --model_dir."
+            )
+        latest = readable[0]
+        kept = found[: found.index(latest) + 1]
+        tf.compat.v1.train.update_checkpoint_state(
+            self.directory, latest, all_model_checkpoint_paths=kept
+        )
+        logging.warning(
+            "The 'checkpoint' state file in %s was missing or damaged; rebuilt it from the files "
+            "(%s): resuming from %s, the newest readable.", self.directory, names, latest
+        )  # fmt: skip
 
     def restore(self, resume_from: str | None = None) -> bool:
         """Restores `resume_from`, else the latest checkpoint; False when there is none.
 
+        Penalty state is restored for the penalties the checkpoint holds (by name); a penalty
+        it does not hold keeps its initial state, which is logged.
+
         Raises:
-          ConfigError: `resume_from` does not exist, or the checkpoint is unreadable (the
-            message names an older one to resume from).
+          ConfigError: `resume_from` does not exist; the checkpoint is unreadable (the
+            message names the newest other checkpoint that is readable, if any), or it does
+            not match this run (what differs).
         """
         path = resume_from or self._reader.latest_checkpoint
         if resume_from and not tf.io.gfile.glob(resume_from + ".index"):
             raise ConfigError(
                 f"`resume_from` ({resume_from!r}) is not a checkpoint; "
-                f"checkpoints here: {', '.join(self._reader.checkpoints) or 'none'}."
+                f"checkpoints here: {', '.join(self._checkpoint_files()) or 'none'}."
             )
         if path is None:
             return False
+        if not readable_checkpoint(path):
+            others = [p for p in reversed(self._checkpoint_files()) if p != path]
+            good = next((p for p in others if readable_checkpoint(p)), None)
+            hint = f"; rerun with --resume_from={good}" if good else "; no other one is readable"
+            raise ConfigError(f"Checkpoint {path!r} is unreadable (damaged files){hint}.")
+        present = {
+            key.split("/")[1] for key in _reader(path).get_variable_to_shape_map()
+            if key.startswith("penalties/")
+        }  # fmt: skip
         try:
-            self._checkpoint.restore(path).assert_existing_objects_matched()
-        except Exception as e:  # damaged files fail in many ways; all are reported
-            older = [p for p in self._reader.checkpoints if p != path]
-            hint = f"; rerun with --resume_from={older[-1]}" if older else ""
+            restored = {n: v for n, v in self._penalties.items() if n in present}
+            for root in (
+                tf.train.Checkpoint(**self._core),
+                tf.train.Checkpoint(penalties=restored),
+            ):
+                status = root.restore(path)
+                status.expect_partial()  # the other root's objects are in the file too
+                status.assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as e:
             reason = str(e).strip().splitlines()[0][:200]
+            if isinstance(e, tf.errors.DataLossError):
+                raise ConfigError(f"Checkpoint {path!r} is unreadable ({reason}).") from None
             raise ConfigError(
-                f"Checkpoint {path!r} is unreadable ({type(e).__name__}: {reason}){hint}."
+                f"Checkpoint {path!r} does not match this run ({reason}); use another --model_dir."
             ) from None
+        for name in sorted(set(self._penalties) - present):
+            logging.info("Penalty %s has no state in %s: it starts from its initial state.",
+                         name, path)  # fmt: skip
         logging.info("Restored %s", path)
         return True
 
@@ -140,7 +229,34 @@ class Checkpointer:
             files.write_json(files.join(self.directory, METADATA), self._metadata)
         return path
 
+    def remove_temporary(self) -> list[str]:
+        """Removes `ckpt-*_temp` folders a killed save left behind; returns their paths."""
+        stale = [p for p in tf.io.gfile.glob(files.join(self.directory, "ckpt-*_temp*"))
+                 if tf.io.gfile.isdir(p)]  # fmt: skip
+        for path in stale:
+            tf.io.gfile.rmtree(path)
+            logging.info("Removed %s, left by an interrupted save.", path)
+        return stale
+
     def close(self) -> None:
         """Removes a non-chief worker's temporary checkpoints."""
         if not self.chief:
             shutil.rmtree(self._manager.directory, ignore_errors=True)
+
+
+def _reader(path: str) -> Any:
+    """A reader of the checkpoint at `path`. Not `tf.train.load_checkpoint`, which takes
+    `ram://.../ckpt-N` for a directory."""
+    return tf.compat.v1.train.NewCheckpointReader(path)
+
+
+def readable_checkpoint(path: str) -> bool:
+    """Whether every tensor of the checkpoint at `path` can be read (its files are intact)."""
+    try:
+        reader = _reader(path)
+        for key, dtype in reader.get_variable_to_dtype_map().items():
+            if dtype != tf.variant:  # an iterator's state: not readable outside its dataset
+                reader.get_tensor(key)
+    except Exception:  # damaged files fail in many ways
+        return False
+    return True

@@ -8,14 +8,17 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import tensorflow as tf
 from absl import logging
 
-from trainer import files, summaries
+from trainer import files, resume, summaries
 from trainer.checkpointing import Checkpointer
 from trainer.distribution import is_default
+from trainer.errors import ConfigError
+from trainer.lock import RunLock
 from trainer.progress import Progress, format_losses
 
 
@@ -60,14 +63,26 @@ class TrainResult:
 
 
 def make_checkpointer(trainer: Any, model_dir: str) -> Checkpointer:
-    """A `Checkpointer` of `trainer`'s whole state in `model_dir`."""
+    """A `Checkpointer` of `trainer`'s whole state in `model_dir`, with its settings."""
     return Checkpointer(
         model_dir,
         task=trainer.registered_name or type(trainer).__name__,
         model_variables=list(trainer.model.variables),
         objects=trainer.checkpoint_objects(),
+        penalty_states=_penalty_states(trainer.penalties),
+        settings=resume.settings(trainer),
         chief=trainer.is_chief,
     )
+
+
+def _penalty_states(penalties: list[Any]) -> dict[str, list[Any]]:
+    """Each penalty's state by name, without its strengths (the values given now are in
+    force on resume), e.g. L2-SP's anchors."""
+    states = {}
+    for p in penalties:
+        strengths = {id(p.strength(name)) for name in p.strength_names()}
+        states[p.name] = [v for v in p.state_variables() if id(v) not in strengths]
+    return states
 
 
 class Controller:
@@ -98,6 +113,19 @@ class Controller:
         """
         trainer, opts = self.trainer, self.options
         model_dir = files.writable_dir("model_dir", opts.model_dir) if opts.model_dir else None
+        if opts.export_dir and trainer.is_chief:
+            files.writable_dir("export_dir", opts.export_dir)  # before training, not after
+        lock = RunLock(model_dir) if model_dir and trainer.is_chief else None
+        if lock:
+            lock.acquire()
+        try:
+            return self._train(model_dir, lock)
+        finally:
+            if lock:
+                lock.release()
+
+    def _train(self, model_dir: str | None, lock: RunLock | None) -> TrainResult:
+        trainer, opts = self.trainer, self.options
         loop = trainer.train_loop
         checkpointer = make_checkpointer(trainer, model_dir) if model_dir else None
         iterator = None
@@ -105,8 +133,15 @@ class Controller:
             iterator = iter(trainer.train_dataset())
             if checkpointer:
                 checkpointer.track("iterator", iterator)
+        previous = None
         if checkpointer:
-            checkpointer.restore(opts.resume_from)
+            if trainer.is_chief:
+                checkpointer.remove_temporary()
+            if checkpointer.latest or opts.resume_from:
+                for line in resume.changes(checkpointer.saved_settings, resume.settings(trainer)):
+                    logging.info("Resuming with a change: %s", line)
+            if checkpointer.restore(opts.resume_from):
+                previous = _previous_results(model_dir)
         if not loop.in_memory and iterator is None:  # a distributed iterator cannot be saved
             iterator = iter(trainer.distribute(trainer.train_dataset().skip(trainer.step)))
         if trainer.step >= opts.train_steps:
@@ -115,16 +150,18 @@ class Controller:
             summaries.write_text(loop.writer, "penalties", trainer.penalty_table(), trainer.step)
         try:
             with _sigterm_flag() as preempted:
-                result = self._loops(iterator, checkpointer, preempted)
+                result = self._loops(iterator, checkpointer, preempted, lock, previous)
         finally:
             if loop.writer is not None:
                 loop.writer.flush()
         if checkpointer:
             checkpointer.close()
         if opts.export_dir and trainer.is_chief:
-            trainer.model.export(opts.export_dir, verbose=False)
+            _writing(f"the model to `export_dir` ({opts.export_dir!r})",
+                     lambda: trainer.model.export(opts.export_dir, verbose=False))  # fmt: skip
         if model_dir and trainer.is_chief:
-            files.write_json(files.join(model_dir, "results.json"), result.to_dict())
+            path = files.join(model_dir, "results.json")
+            _writing(path, lambda: files.write_json(path, result.to_dict()))
         return result
 
     def _next_stop(self, step: int) -> int:
@@ -136,11 +173,18 @@ class Controller:
                 stop = min(stop, (step // every + 1) * every)
         return stop
 
-    def _loops(self, iterator: Any, checkpointer: Checkpointer | None, preempted) -> TrainResult:
+    def _loops(
+        self,
+        iterator: Any,
+        checkpointer: Checkpointer | None,
+        preempted,
+        lock: RunLock | None,
+        previous: dict[str, Any] | None,
+    ) -> TrainResult:
         trainer, opts = self.trainer, self.options
         loop = trainer.train_loop
         step = start_step = trainer.step
-        result = TrainResult(step)
+        result = _continued(previous, step)
         progress = Progress(opts.train_steps)
         start = time.perf_counter()
         first_loop_steps = 0
@@ -153,6 +197,8 @@ class Controller:
                 result.first_loop_sec = time.perf_counter() - start
                 first_loop_steps = step - loop_first
             progress.update(step, rate, result.train)
+            if lock:
+                _writing(lock.path, lock.refresh)
             self._write_scalars(step, {"steps_per_sec": rate})
             done = step >= opts.train_steps
             if checkpointer and (
@@ -160,7 +206,8 @@ class Controller:
                 or preempted.is_set()
                 or (opts.checkpoint_every and step % opts.checkpoint_every == 0)
             ):
-                path = checkpointer.save(step)
+                path = _writing(f"checkpoint {step} to {checkpointer.directory!r}",
+                                lambda step=step: checkpointer.save(step))  # fmt: skip
                 if preempted.is_set() and not done:
                     raise Preempted(step, path)
             if done or (opts.eval_every and step % opts.eval_every == 0):
@@ -183,6 +230,42 @@ class Controller:
         writer = self.trainer.train_loop.writer
         if writer is not None:
             summaries.write_scalars(writer, step, values)
+
+
+def _previous_results(model_dir: str) -> dict[str, Any] | None:
+    """The resumed run's results.json, if it has a valid one."""
+    try:
+        previous = files.read_json(files.join(model_dir, "results.json"))
+    except ConfigError as e:
+        logging.warning("%s Its history is not carried over.", e)
+        return None
+    return previous if isinstance(previous, dict) else None
+
+
+def _continued(previous: dict[str, Any] | None, step: int) -> TrainResult:
+    """A result that starts with the resumed run's history up to `step` (and, if no step is
+    trained now, its training figures)."""
+    if not previous:
+        return TrainResult(step)
+    history = [h for h in previous.get("history", []) if isinstance(h, dict)
+               and isinstance(h.get("step"), int) and h["step"] <= step]  # fmt: skip
+    result = TrainResult(step, history=history)
+    if previous.get("step") == step:
+        result.train = previous.get("train") or {}
+        result.steps_per_sec = previous.get("steps_per_sec") or 0.0
+        result.first_loop_sec = previous.get("first_loop_sec") or 0.0
+    return result
+
+
+def _writing(what: str, write: Callable[[], Any]) -> Any:
+    """`write()`, with a failed write (a full disk, a read-only or vanished directory) turned
+    into one `WriteError` line naming what was being written."""
+    try:
+        return write()
+    except (tf.errors.OpError, OSError) as e:
+        if isinstance(e, files.WriteError):
+            raise
+        raise files.WriteError(f"Could not write {what}: {files.reason(e)}") from None
 
 
 def _check_finite(logs: dict[str, float], step: int) -> None:

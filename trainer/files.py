@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from typing import Any
 
 import tensorflow as tf
 
 from trainer.errors import ConfigError
+
+
+class WriteError(OSError):
+    """A write into a run's directory failed: a full disk, a read-only or vanished path.
+
+    The CLI prints its message as one line and exits with status 1.
+    """
+
+
+def reason(error: BaseException) -> str:
+    """An I/O error's cause in one short line: TensorFlow's op prefix dropped, the end of a
+    long message kept (where "No space left on device" and the like stand)."""
+    text = getattr(error, "message", None) or getattr(error, "strerror", None) or str(error)
+    text = " ".join(re.sub(r"\{\{.*?\}\}", "", text).split())
+    return text if len(text) <= 200 else "..." + text[-200:]
 
 
 def join(directory: str, *names: str) -> str:
@@ -30,10 +46,7 @@ def writable_dir(argument: str, directory: str) -> str:
             f.write("")
         tf.io.gfile.remove(probe)
     except (tf.errors.OpError, OSError) as e:
-        reason = getattr(e, "message", None) or getattr(e, "strerror", None) or str(e)
-        raise ConfigError(
-            f"`{argument}` ({directory!r}) is not writable: {reason.strip().splitlines()[0]}."
-        ) from None
+        raise ConfigError(f"`{argument}` ({directory!r}) is not writable: {reason(e)}.") from None
     return directory
 
 

@@ -9,7 +9,7 @@ import typing
 import tensorflow as tf
 from absl import app, flags, logging
 
-from trainer import registry
+from trainer import files, registry
 from trainer.controller import Preempted
 from trainer.errors import ConfigError
 from trainer.options import CHOICES, TrainerOptions, field_docs
@@ -100,6 +100,7 @@ def describe(trainer) -> None:
     print(table)
     model_dir = trainer.options.model_dir
     if model_dir and trainer.is_chief:
+        files.writable_dir("model_dir", model_dir)
         writer = tf.summary.create_file_writer(model_dir)
         write_text(writer, "penalties", table)
         writer.close()
@@ -113,6 +114,8 @@ def main(argv: list[str]) -> None:
     try:
         sweep = parse_sweep(_SWEEP.value) if _SWEEP.value else None
         trainer = build_trainer()
+        if trainer.options.model_dir and (_DESCRIBE.value or sweep):
+            files.writable_dir("model_dir", trainer.options.model_dir)
         if _DESCRIBE.value:
             describe(trainer)
             return
@@ -123,7 +126,7 @@ def main(argv: list[str]) -> None:
         result = trainer.train()
     except ConfigError as e:
         _fail(str(e))
-    except FloatingPointError as e:
+    except (FloatingPointError, files.WriteError) as e:
         print(f"trainer: {e}", file=sys.stderr)
         sys.exit(1)
     except Preempted as e:

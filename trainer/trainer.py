@@ -247,11 +247,13 @@ class Trainer:
         return is_chief(self.strategy)
 
     def checkpoint_objects(self) -> dict[str, Any]:
-        """What a checkpoint holds besides the model's variables, by name."""
+        """What a checkpoint holds besides the model's variables and penalty state: the
+        optimizer's variables but its learning rate (the rate given now is in force on
+        resume), and the step."""
+        variables = self.optimizer.variables
         return {
-            "optimizer_variables": list(self.optimizer.variables),
+            "optimizer_variables": [v for v in variables if not v.path.endswith("/learning_rate")],
             "step": self.step_counter,
-            "penalty_strengths": [v for p in self.penalties for v in p.state_variables()],
         }
 
     def _state_variables(self) -> list[Any]:
