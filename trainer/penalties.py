@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import tensorflow as tf
 
 from trainer import selection
-from trainer.errors import ConfigError, check_choice, check_non_negative
+from trainer.errors import ConfigError, check_choice, check_float32, check_non_negative
 from trainer.registry import register_penalty
 from trainer.selection import Selector, variable_path
 
@@ -28,11 +28,12 @@ __all__ = [
 class Strength:
     """A non-negative penalty strength (λ, a rate), declared as a class attribute of a `Penalty`.
 
-    Assign it a number (validated: finite, ≥ 0). Once the penalty is built (`Penalty.build`,
-    which the Trainer calls under its distribution strategy's scope) the value lives in a
-    non-trainable `tf.Variable`: inside a `tf.function` (`loss`, `update`) the attribute reads
-    as that variable, so `self.scale * ...` follows every later assignment (a schedule, a
-    sweep) without retracing; outside one it reads as a float.
+    Assign it a number (validated by `check`: finite, ≥ 0, 0 or a normal float32). Once the
+    penalty is built (`Penalty.build`, which the Trainer calls under its distribution
+    strategy's scope) the value lives in a non-trainable float32 `tf.Variable`: inside a
+    `tf.function` (`loss`, `update`) the attribute reads as that variable, so
+    `self.scale * ...` follows every later assignment (a schedule, a sweep) without
+    retracing; outside one it reads as a float.
     """
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -58,8 +59,18 @@ class Strength:
             )
         return values[self.name]
 
+    def check(self, value: Any) -> float:
+        """Returns `value` as a float if this strength may take it; `__set__` and sweeps call it.
+
+        Raises:
+          ConfigError: naming the strength: `value` is not a finite number ≥ 0, or is not
+            representable in float32 (overflows, or is non-zero and below the smallest normal
+            float32, 1.2e-38).
+        """
+        return check_float32(self.name, check_non_negative(self.name, value))
+
     def __set__(self, penalty: Any, value: Any) -> None:
-        value = check_non_negative(self.name, value)
+        value = self.check(value)
         penalty.__dict__.setdefault("_strength_values", {})[self.name] = value
         variable = penalty.__dict__.get("_strength_variables", {}).get(self.name)
         if variable is not None:
