@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -21,6 +22,7 @@ __all__ = [
     "Selector",
     "StepContext",
     "Strength",
+    "check_loss_term",
     "variable_path",
 ]
 
@@ -63,9 +65,8 @@ class Strength:
         """Returns `value` as a float if this strength may take it; `__set__` and sweeps call it.
 
         Raises:
-          ConfigError: naming the strength: `value` is not a finite number ≥ 0, or is not
-            representable in float32 (overflows, or is non-zero and below the smallest normal
-            float32, 1.2e-38).
+          ConfigError: naming the strength: `value` is not a finite number ≥ 0, or not 0 or
+            a normal float32 (see `errors.check_float32`).
         """
         return check_float32(self.name, check_non_negative(self.name, value))
 
@@ -230,6 +231,27 @@ class Penalty:
         if self.name != (self.registered_name or type(self).__name__.lower()):
             args["name"] = self.name
         return f"{type(self).__name__}({', '.join(f'{k}={_short(v)}' for k, v in args.items())})"
+
+
+def check_loss_term(penalty: Penalty, value: Any) -> tf.Tensor:
+    """Returns `value`, what `penalty.loss(...)` returned, if it is a float32 scalar tensor.
+
+    The Trainer calls it once at build, eagerly: another kind of term would fail deep in
+    the compiled step, without naming the penalty.
+
+    Raises:
+      ConfigError: naming the penalty: `value` is None, not a tensor, not float32, or not a
+        scalar.
+    """
+    if value is None or not tf.is_tensor(value):
+        got = "None" if value is None else f"a {type(value).__name__}, {reprlib.repr(value)}"
+    elif value.dtype != tf.float32:
+        got = f"a {value.dtype.name} tensor"
+    elif value.shape.rank != 0:
+        got = f"a tensor of shape {tuple(value.shape)}"
+    else:
+        return value
+    raise ConfigError(f"{penalty!r}.loss() returned {got}; it must return a float32 scalar tensor.")
 
 
 def _short(value: Any) -> str:
