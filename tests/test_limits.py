@@ -4,6 +4,7 @@ Each bad input is a `ConfigError` of one line naming the value, which the CLI pr
 `trainer: error: ...` with exit status 2; a sweep survives a diverging value.
 """
 
+import dataclasses
 import glob
 import math
 import os
@@ -191,6 +192,27 @@ class SweepTest(tf.test.TestCase):
         self.assertEqual(sum(line.endswith("<- best") for line in lines), 1)
 
 
+def scalar_steps(directory: str) -> dict[str, list[int]]:
+    """{tag: sorted steps} of the scalars in `directory`'s event files."""
+    steps = {}
+    for path in glob.glob(os.path.join(directory, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                steps.setdefault(value.tag, []).append(event.step)
+    return {tag: sorted(s) for tag, s in steps.items()}
+
+
+class SummaryBufferTest(tf.test.TestCase):
+    def test_raising_train_steps_after_the_first_loop_keeps_every_row(self):
+        """The buffer is sized for 5 steps at first; a later 10-step loop gets a larger one."""
+        model_dir = self.create_tempdir().full_path
+        task = make_task(train_steps=5, steps_per_loop=10, summary_every=1, model_dir=model_dir)
+        self.assertEqual(task.train().step, 5)
+        task.options = dataclasses.replace(task.options, train_steps=20)
+        self.assertEqual(task.train().step, 20)
+        self.assertEqual(scalar_steps(model_dir)["loss/total"], list(range(1, 21)))
+
+
 class SummaryBufferCliTest(CliTestCase):
     ARGS = ("--steps_per_loop=1000000000", "--summary_every=1", "--train_steps=50")
 
@@ -208,13 +230,9 @@ class SummaryBufferCliTest(CliTestCase):
         """A row per step, 50 rows, in a buffer sized by train_steps, not 10⁹ steps (11 GiB)."""
         model_dir = self.create_tempdir().full_path
         self.run_timed(f"--model_dir={model_dir}")
-        steps = {}
-        for path in glob.glob(os.path.join(model_dir, "events.out.tfevents.*")):
-            for event in tf.compat.v1.train.summary_iterator(path):
-                for value in event.summary.value:
-                    steps.setdefault(value.tag, []).append(event.step)
+        steps = scalar_steps(model_dir)
         for tag in ("loss/total", "loss/data", "learning_rate"):
-            self.assertEqual(sorted(steps[tag]), list(range(1, 51)), tag)
+            self.assertEqual(steps[tag], list(range(1, 51)), tag)
 
     def test_huge_steps_per_loop_without_model_dir(self):
         self.run_timed()
