@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Sequence
 from typing import Any
 
 INT32_MAX = 2**31 - 1  # step counts travel as int32 tensors
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32
 
 
 class ConfigError(ValueError):
@@ -48,7 +51,7 @@ def check_non_negative(argument: str, value: Any) -> float:
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"`{argument}` ({value!r}) must be a non-negative number.")
-    if not math.isfinite(value) or value < 0:
+    if not _finite(value) or value < 0:
         raise ConfigError(f"`{argument}` ({value!r}) must be a non-negative finite number.")
     return float(value)
 
@@ -62,7 +65,44 @@ def check_positive(argument: str, value: Any) -> float:
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
-        or not (math.isfinite(value) and value > 0)
+        or not (_finite(value) and value > 0)
     ):
         raise ConfigError(f"`{argument}` ({value!r}) must be a positive number.")
     return float(value)
+
+
+def check_float32(argument: str, value: float) -> float:
+    """Returns `value` if float32 holds it as zero or a normal number: not overflowing to
+    inf, and not a non-zero value that rounds to 0 or to a subnormal number, which
+    TensorFlow's CPU kernels flush to zero (a strength of 1e-40 would act as 0).
+
+    Args:
+      argument: the name shown in the error.
+      value: a finite float (see `check_non_negative`).
+
+    Raises:
+      ConfigError: naming `argument` and the float32 range.
+    """
+    try:
+        rounded = struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # beyond FLOAT32_MAX by more than half a float32 step
+        rounded = math.inf
+    if abs(rounded) > FLOAT32_MAX:
+        raise ConfigError(
+            f"`{argument}` ({value!r}) is not representable in float32 (max {FLOAT32_MAX:.2g})."
+        )
+    if value != 0 and abs(rounded) < FLOAT32_TINY:
+        raise ConfigError(
+            f"`{argument}` ({value!r}) is not representable in float32 (smallest normal "
+            f"{FLOAT32_TINY:.2g}; TensorFlow computes smaller values as 0): use 0 or at least "
+            f"{FLOAT32_TINY:.2g}."
+        )
+    return value
+
+
+def _finite(value: int | float) -> bool:
+    """Whether `value` is finite as a float (an int too large for a float is not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False

@@ -61,6 +61,9 @@ class TrainLoop:
         self._tags = summaries.step_tags(trainer.loss_names, trainer.selections)
         self.writer: tf.summary.SummaryWriter | None = None
         self._writer_dir: str | None = None
+        # The most steps one call records summary rows for, which sizes the row buffer: no
+        # loop runs past `train_steps`, however large `steps_per_loop` is.
+        self._row_steps = min(options.steps_per_loop, options.train_steps)
         self._make(xla=self.in_memory and use_xla(options.jit_compile, trainer.model))
 
     @property
@@ -107,8 +110,13 @@ class TrainLoop:
         Returns:
           The mean loss breakdown over the steps run (by `trainer.loss_names`), and the step
           reached. If XLA was chosen automatically and cannot compile the loop, it is run
-          again without XLA, with a warning.
+          again without XLA, with a warning. With a writer, a call longer than
+          `min(steps_per_loop, train_steps)` (the options changed) retraces the loop with a
+          larger summary buffer.
         """
+        if self.writer is not None and num_steps > self._row_steps:  # options changed since
+            self._row_steps = num_steps
+            self._make(xla=self._xla)
         steps = tf.constant(num_steps, tf.int32)
         try:
             means, step = self._loop_fn(iterator, steps)
@@ -147,8 +155,8 @@ class TrainLoop:
         """
         trainer = self.trainer
         every = trainer.options.summary_every
-        capacity = trainer.options.steps_per_loop // every + 1 if every else 1
         record = self.writer is not None
+        capacity = self._row_steps // every + 1 if record else 1  # else one unused row
         counter = trainer.step_counter
         start = counter.read_value()
         in_memory = self.in_memory

@@ -120,8 +120,11 @@ def main(argv: list[str]) -> None:
             describe(trainer)
             return
         if sweep:
-            _, table = run_sweep(trainer, sweep)
+            results, table = run_sweep(trainer, sweep)
             print(table)
+            if all(r["diverged"] for r in results):
+                print(f"trainer: every run of --sweep={_SWEEP.value} diverged.", file=sys.stderr)
+                sys.exit(1)
             return
         result = trainer.train()
     except ConfigError as e:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import tensorflow as tf
 
 from trainer import selection
-from trainer.errors import ConfigError, check_choice, check_non_negative
+from trainer.errors import ConfigError, check_choice, check_float32, check_non_negative
 from trainer.registry import register_penalty
 from trainer.selection import Selector, variable_path
 
@@ -21,6 +22,7 @@ __all__ = [
     "Selector",
     "StepContext",
     "Strength",
+    "check_loss_term",
     "variable_path",
 ]
 
@@ -28,11 +30,12 @@ __all__ = [
 class Strength:
     """A non-negative penalty strength (λ, a rate), declared as a class attribute of a `Penalty`.
 
-    Assign it a number (validated: finite, ≥ 0). Once the penalty is built (`Penalty.build`,
-    which the Trainer calls under its distribution strategy's scope) the value lives in a
-    non-trainable `tf.Variable`: inside a `tf.function` (`loss`, `update`) the attribute reads
-    as that variable, so `self.scale * ...` follows every later assignment (a schedule, a
-    sweep) without retracing; outside one it reads as a float.
+    Assign it a number (validated by `check`: finite, ≥ 0, 0 or a normal float32). Once the
+    penalty is built (`Penalty.build`, which the Trainer calls under its distribution
+    strategy's scope) the value lives in a non-trainable float32 `tf.Variable`: inside a
+    `tf.function` (`loss`, `update`) the attribute reads as that variable, so
+    `self.scale * ...` follows every later assignment (a schedule, a sweep) without
+    retracing; outside one it reads as a float.
     """
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -58,8 +61,17 @@ class Strength:
             )
         return values[self.name]
 
+    def check(self, value: Any) -> float:
+        """Returns `value` as a float if this strength may take it; `__set__` and sweeps call it.
+
+        Raises:
+          ConfigError: naming the strength: `value` is not a finite number ≥ 0, or not 0 or
+            a normal float32 (see `errors.check_float32`).
+        """
+        return check_float32(self.name, check_non_negative(self.name, value))
+
     def __set__(self, penalty: Any, value: Any) -> None:
-        value = check_non_negative(self.name, value)
+        value = self.check(value)
         penalty.__dict__.setdefault("_strength_values", {})[self.name] = value
         variable = penalty.__dict__.get("_strength_variables", {}).get(self.name)
         if variable is not None:
@@ -219,6 +231,27 @@ class Penalty:
         if self.name != (self.registered_name or type(self).__name__.lower()):
             args["name"] = self.name
         return f"{type(self).__name__}({', '.join(f'{k}={_short(v)}' for k, v in args.items())})"
+
+
+def check_loss_term(penalty: Penalty, value: Any) -> tf.Tensor:
+    """Returns `value`, what `penalty.loss(...)` returned, if it is a float32 scalar tensor.
+
+    The Trainer calls it once at build, eagerly: another kind of term would fail deep in
+    the compiled step, without naming the penalty.
+
+    Raises:
+      ConfigError: naming the penalty: `value` is None, not a tensor, not float32, or not a
+        scalar.
+    """
+    if value is None or not tf.is_tensor(value):
+        got = "None" if value is None else f"a {type(value).__name__}, {reprlib.repr(value)}"
+    elif value.dtype != tf.float32:
+        got = f"a {value.dtype.name} tensor"
+    elif value.shape.rank != 0:
+        got = f"a tensor of shape {tuple(value.shape)}"
+    else:
+        return value
+    raise ConfigError(f"{penalty!r}.loss() returned {got}; it must return a float32 scalar tensor.")
 
 
 def _short(value: Any) -> str:

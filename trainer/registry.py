@@ -14,6 +14,12 @@ from trainer.errors import ConfigError
 TASK_ENTRY_POINTS = "trainer.tasks"
 PENALTY_ENTRY_POINTS = "trainer.penalties"
 
+# Specs come from the command line: bounded before `ast` sees them, whose parser and
+# `literal_eval` recurse (a 100 kB `l2(1+1+...)` raised RecursionError, `l2(---...1)`
+# MemoryError). The length bounds the size; the depth, the recursion.
+MAX_SPEC_LENGTH = 1000
+MAX_SPEC_DEPTH = 20
+
 _TASKS: dict[str, type] = {}
 _PENALTIES: dict[str, type] = {}
 
@@ -131,6 +137,52 @@ def get_penalty(name: str) -> type:
     return _PENALTIES[name]
 
 
+def _abbreviate(spec: str, width: int = 60) -> str:
+    """`repr(spec)`, cut to about `width` characters with `...` where it is longer."""
+    return repr(spec if len(spec) <= width else spec[: width - 3] + "...")
+
+
+def _depth_exceeds(node: ast.AST, limit: int) -> bool:
+    """Whether the tree under `node` is more than `limit` levels deep (without recursing)."""
+    stack = [(node, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return False
+
+
+def _parse(spec: str) -> ast.expr:
+    """The expression of `spec`, within `MAX_SPEC_LENGTH` and `MAX_SPEC_DEPTH`.
+
+    Raises:
+      ConfigError: the spec is too long, too deeply nested, or not an expression.
+    """
+    if len(spec) > MAX_SPEC_LENGTH:
+        raise ConfigError(
+            f"Penalty spec {_abbreviate(spec)} is {len(spec)} characters long; "
+            f"the limit is {MAX_SPEC_LENGTH} characters."
+        )
+    try:
+        node = ast.parse(spec.strip(), mode="eval").body
+    except SyntaxError as e:
+        raise ConfigError(
+            f'Malformed penalty spec {spec!r}: expected a call like "l2(1e-4)" ({e.msg}).'
+        ) from e
+    except (RecursionError, MemoryError) as e:  # not seen within the length limit
+        raise ConfigError(
+            f"Penalty spec {_abbreviate(spec)} is too complex to parse "
+            f"({type(e).__name__}); a spec is a call with literal arguments."
+        ) from e
+    if _depth_exceeds(node, MAX_SPEC_DEPTH):
+        raise ConfigError(
+            f"Penalty spec {_abbreviate(spec)} nests deeper than the limit of "
+            f"{MAX_SPEC_DEPTH} levels."
+        )
+    return node
+
+
 def _literal(spec: str, node: ast.AST) -> Any:
     try:
         return ast.literal_eval(node)
@@ -179,15 +231,11 @@ def parse_penalty_spec(spec: str) -> Any:
       The constructed `Penalty`.
 
     Raises:
-      ConfigError: the spec is malformed, names an unknown penalty, passes an argument
-        the class does not take, or a value the class rejects.
+      ConfigError: the spec is malformed, longer than `MAX_SPEC_LENGTH` characters or
+        nested more than `MAX_SPEC_DEPTH` levels deep, names an unknown penalty, passes an
+        argument the class does not take, or a value the class rejects.
     """
-    try:
-        node = ast.parse(spec.strip(), mode="eval").body
-    except SyntaxError as e:
-        raise ConfigError(
-            f'Malformed penalty spec {spec!r}: expected a call like "l2(1e-4)" ({e.msg}).'
-        ) from e
+    node = _parse(spec)
     if isinstance(node, ast.Name):
         node = ast.Call(func=node, args=[], keywords=[])
     if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):

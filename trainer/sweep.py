@@ -9,6 +9,7 @@ from typing import Any
 import tensorflow as tf
 
 from trainer import files, summaries
+from trainer.controller import TrainResult
 from trainer.errors import ConfigError
 
 
@@ -61,19 +62,34 @@ def _target(trainer: Any, spec: SweepSpec) -> Any:
             f"--sweep: {spec.attribute!r} is not a strength of {penalty!r}; "
             f"its strengths: {', '.join(strengths) or 'none'}."
         )
+    strength = getattr(type(penalty), spec.attribute)  # the `Strength` declaration
+    for value in spec.values:
+        try:
+            strength.check(value)
+        except ConfigError as e:
+            raise ConfigError(f"--sweep value {value!r} of {spec.hparam}: {e}") from None
     return penalty
 
 
 def run_sweep(trainer: Any, spec: SweepSpec) -> tuple[list[dict[str, Any]], str]:
     """Trains `trainer` once per value, each run from the same initial state.
 
-    Only the strength variable changes between runs, so the train step is traced once. With
-    a `model_dir`, each run writes to `<model_dir>/<penalty>.<attribute>=<value>` (its
-    TensorBoard scalars, HParams and checkpoints), and `model_dir` holds the HParams config.
+    Every value is checked as the strength checks an assignment before the first run. Only
+    the strength variable changes between runs, so the train step is traced once. A run
+    that diverges (`train()` raises `FloatingPointError`) is recorded as such and the sweep
+    goes on. With a `model_dir`, each run writes to `<model_dir>/<penalty>.<attribute>=<value>`
+    (its TensorBoard scalars, HParams and checkpoints), and `model_dir` holds the HParams
+    config.
 
     Returns:
-      The results (one dict per value: `value`, `eval`, `train`, `step`), and a table of the
-      held-out metric (`trainer.sweep_metric`) per value with the best marked.
+      The results, one dict per value: `value`, `diverged` (None, or the error's message),
+      and `TrainResult.to_dict()`'s fields (for a diverged run, `step` is the step reached
+      and `train`, `eval` and `history` are empty); and a table of the held-out metric
+      (`trainer.sweep_metric`) per value with the best marked.
+
+    Raises:
+      ConfigError: the spec names no penalty or strength of `trainer`, or a value the
+        strength rejects.
     """
     penalty = _target(trainer, spec)
     metric, mode = trainer.sweep_metric
@@ -87,12 +103,17 @@ def run_sweep(trainer: Any, spec: SweepSpec) -> tuple[list[dict[str, Any]], str]
         setattr(penalty, spec.attribute, value)
         run_dir = files.join(base_dir, f"{spec.hparam}={value:g}") if base_dir else None
         trainer.options = dataclasses.replace(trainer.options, model_dir=run_dir)
-        result = trainer.train()
+        try:
+            result = trainer.train().to_dict()
+            diverged = None
+        except FloatingPointError as e:
+            result = TrainResult(trainer.step).to_dict()
+            diverged = str(e)
         if run_dir and trainer.is_chief:
             writer = tf.summary.create_file_writer(run_dir)
             summaries.write_hparams(writer, {spec.hparam: value}, trial_id=f"{value:g}")
             writer.close()
-        results.append({"value": value, **result.to_dict()})
+        results.append({"value": value, "diverged": diverged, **result})
     trainer.options = dataclasses.replace(trainer.options, model_dir=base_dir)
     return results, _table(spec, results, metric, mode)
 
@@ -114,7 +135,10 @@ def _table(spec: SweepSpec, results: list[dict[str, Any]], metric: str, mode: st
     finite = [s for s in scores if math.isfinite(s)]
     best = (min if mode == "min" else max)(finite) if finite else None
     lines = [f"{spec.hparam:>24}  held-out {metric} ({mode} is best)"]
-    for value, score in zip(spec.values, scores):
-        mark = "  <- best" if score == best else ""
-        lines.append(f"{value:>24g}  {score:.6g}{mark}")
+    for result, score in zip(results, scores):
+        if result["diverged"]:
+            cell = f"diverged at step {result['step']}"
+        else:
+            cell = f"{score:.6g}" + ("  <- best" if score == best else "")
+        lines.append(f"{result['value']:>24g}  {cell}")
     return "\n".join(lines)
