@@ -154,8 +154,8 @@ class Controller:
         finally:
             if loop.writer is not None:
                 loop.writer.flush()
-        if checkpointer:
-            checkpointer.close()
+            if checkpointer:
+                checkpointer.close()
         if opts.export_dir and trainer.is_chief:
             _writing(f"the model to `export_dir` ({opts.export_dir!r})",
                      lambda: trainer.model.export(opts.export_dir, verbose=False))  # fmt: skip

@@ -16,7 +16,7 @@ from trainer.errors import ConfigError
 from trainer.inputs import InMemoryBatches
 from trainer.loop import TrainLoop
 from trainer.options import TrainerOptions, make_optimizer
-from trainer.penalties import Penalty
+from trainer.penalties import Penalty, check_loss_term
 from trainer.report import coverage, coverage_table
 from trainer.updates import DecoupledUpdates
 
@@ -172,6 +172,8 @@ class Trainer:
         self.trainable_variables = trainable
         self.coverage = coverage(self.selections, self.optimizer, trainable)  # checks decays
         self._loss_penalties = [(p, v) for p, v in self.selections if p.has_loss]
+        for penalty, variables in self._loss_penalties:  # once, eagerly: a bad term named here
+            check_loss_term(penalty, penalty.loss(variables))
         self._updates = DecoupledUpdates(
             [(p, v) for p, v in self.selections if p.has_update], self.optimizer
         )
