@@ -10,7 +10,10 @@ import sys
 import numpy as np
 import tensorflow as tf
 from absl.testing import absltest
+from array_task import ArrayTask, regression_data
 from test_cli import last_line, run_cli
+
+from trainer import TrainerOptions
 
 
 def final_weights(model_dir: str) -> list[np.ndarray]:
@@ -84,6 +87,20 @@ class ExplicitResumeTest(ResumeTestCase):
         line = last_line(refused.stderr)
         self.assertStartsWith(line, "trainer: error: The checkpointed run used optimizer Adam")
         self.assertIn("this one SGD", line)
+
+    def test_a_new_batch_size_restarts_a_tf_data_input(self):
+        """A saved tf.data iterator yields batches of the old size: with a new batch size (or
+        seed) the input starts over, as logged, instead of failing inside the loop."""
+        model_dir = self.model_dir()
+        x, y = regression_data(n=64)
+        ArrayTask(x, y, TrainerOptions(batch_size=8, train_steps=20, model_dir=model_dir)).train()
+        resumed = ArrayTask(x, y, TrainerOptions(batch_size=16, train_steps=40,
+                                                 model_dir=model_dir))  # fmt: skip
+        with self.assertLogs(logger="absl", level="INFO") as logs:
+            self.assertEqual(resumed.train().step, 40)
+        text = "\n".join(logs.output)
+        self.assertIn("batch_size: 8 in the checkpointed run -> 16 now", text)
+        self.assertIn("batch_size changed: the input iterator starts over", text)
 
 
 class NothingLostTest(ResumeTestCase):

@@ -88,9 +88,11 @@ class Checkpointer:
         )
         self._reader = tf.train.CheckpointManager(self._checkpoint, directory, max_to_keep=None)
 
-    def track(self, name: str, trackable: Any) -> None:
-        """Adds `trackable` (e.g. the input iterator) to what is saved and restored."""
-        self._core[name] = trackable
+    def track(self, name: str, trackable: Any, restore: bool = True) -> None:
+        """Adds `trackable` (e.g. the input iterator) to what is saved, and to what is
+        restored unless `restore` is False (it then keeps its current state)."""
+        if restore:
+            self._core[name] = trackable
         setattr(self._checkpoint, name, trackable)
 
     @property

@@ -132,7 +132,7 @@ class Controller:
         if not loop.in_memory and is_default(trainer.strategy):
             iterator = iter(trainer.train_dataset())
             if checkpointer:
-                checkpointer.track("iterator", iterator)
+                checkpointer.track("iterator", iterator, restore=self._same_input(checkpointer))
         previous = None
         if checkpointer:
             if trainer.is_chief:
@@ -163,6 +163,18 @@ class Controller:
             path = files.join(model_dir, "results.json")
             _writing(path, lambda: files.write_json(path, result.to_dict()))
         return result
+
+    def _same_input(self, checkpointer: Checkpointer) -> bool:
+        """Whether a saved input iterator can continue: its position is in batches of the
+        saved batch size, its order from the saved seed. If either changed, the new values
+        are in force and the data starts over (logged)."""
+        saved = checkpointer.saved_settings or {}
+        changed = [k for k in ("batch_size", "seed")
+                   if k in saved and saved[k] != getattr(self.options, k)]  # fmt: skip
+        if changed and checkpointer.latest:
+            logging.info("%s changed: the input iterator starts over instead of continuing.",
+                         " and ".join(changed))  # fmt: skip
+        return not changed
 
     def _next_stop(self, step: int) -> int:
         """The step the next loop ends at: cut short at eval and checkpoint boundaries."""
