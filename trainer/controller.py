@@ -5,14 +5,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from signal import SIGTERM, Signals
+from signal import SIGINT, SIGTERM, Signals
 from typing import Any
 
 from absl import logging
 
 from trainer import files, summaries
 from trainer.checkpointing import Checkpointer
-from trainer.distribution import is_default
+from trainer.distribution import is_default, sum_over_workers
 from trainer.progress import Progress, format_losses
 from trainer.signals import INTERRUPTED_EXIT_STATUS, StopSignals
 
@@ -211,9 +211,19 @@ class Controller:
         return result
 
     def _agreed_stop(self, stops: StopSignals) -> tuple[Signals, bool] | None:
-        """The stop to take at this boundary: the signal that asked for it, or None; and
-        whether it reached only other workers."""
-        return (stops.requested, False) if stops.requested else None
+        """The stop every worker takes at this boundary: SIGTERM if one received it, else
+        SIGINT if one did, else None; and whether it reached only other workers.
+
+        Under a multi-worker strategy the flags are summed over the workers (a collective
+        every worker joins: all reach the same boundaries); otherwise they are this process's.
+        """
+        local = stops.requested
+        flags = [float(local == SIGTERM), float(local == SIGINT)]
+        terms, interrupts = sum_over_workers(self.trainer.strategy, flags)
+        if not (terms or interrupts):
+            return None
+        signal = SIGTERM if terms else SIGINT
+        return signal, local != signal
 
     def _write_scalars(self, step: int, values: dict[str, float]) -> None:
         writer = self.trainer.train_loop.writer

@@ -1,15 +1,17 @@
-"""tf.distribute strategies by name (default, mirrored, multi_worker, tpu) and who is chief."""
+"""tf.distribute strategies by name, who is chief, and how workers agree to stop."""
 
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 
 import tensorflow as tf
 
 from trainer.errors import ConfigError, check_choice, check_integer
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+_COORDINATED_JOBS = ("chief", "worker")  # the tasks that run MultiWorkerMirroredStrategy's replicas
 
 
 def configure_cpu_replicas(count: int) -> list[str]:
@@ -124,3 +126,37 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return task_type == "chief" or (
         not has_chief and task_type == "worker" and resolver.task_id == 0
     )
+
+
+def worker_count(strategy: tf.distribute.Strategy) -> int:
+    """The processes that run `strategy`'s replicas together: the chief and worker tasks of a
+    MultiWorkerMirroredStrategy's cluster, else 1 (a TPU pod has one client too)."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return 1
+    spec = strategy.cluster_resolver.cluster_spec()
+    return max(1, sum(spec.num_tasks(job) for job in _COORDINATED_JOBS if job in spec.jobs))
+
+
+def sum_over_workers(strategy: tf.distribute.Strategy, values: Sequence[float]) -> list[float]:
+    """`values` summed over the processes of a multi-worker `strategy`, else `values`.
+
+    Over several processes this is a collective all-reduce that each of them must call, in
+    the same order; with one process (the default strategy, MirroredStrategy, TPUStrategy)
+    nothing runs.
+    """
+    if worker_count(strategy) == 1:
+        return list(values)
+    return _all_reduce(strategy)(tf.constant(values, tf.float32)).numpy().tolist()
+
+
+@functools.cache
+def _all_reduce(strategy: tf.distribute.Strategy):
+    replicas = len(local_devices(strategy))
+
+    @tf.function
+    def all_reduce(values):
+        # Each local replica contributes the process's values once; summed over all replicas.
+        per_replica = strategy.run(tf.identity, args=(values,))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None) / replicas
+
+    return all_reduce
