@@ -11,6 +11,7 @@ from absl import app, flags, logging
 
 from trainer import registry
 from trainer.controller import Preempted
+from trainer.distribution import PeerTimeout
 from trainer.errors import ConfigError
 from trainer.options import CHOICES, TrainerOptions, field_docs
 from trainer.progress import format_losses
@@ -130,6 +131,9 @@ def main(argv: list[str]) -> None:
     except Preempted as e:  # SIGTERM: 42, SIGINT: 130; see Preempted.exit_status
         print(f"trainer: {e}", file=sys.stderr)
         sys.exit(e.exit_status)
+    except PeerTimeout as e:
+        print(f"trainer: {e}", file=sys.stderr)
+        sys.exit(PeerTimeout.EXIT_STATUS)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop, which catches it itself
         print("trainer: Interrupted (SIGINT).", file=sys.stderr)
         sys.exit(INTERRUPTED_EXIT_STATUS)

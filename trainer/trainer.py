@@ -63,7 +63,9 @@ class Trainer:
         strategy: tf.distribute.Strategy | None = None,
     ):
         self.options = options or self.make_options()
-        self.strategy = strategy or make_strategy(self.options.strategy, self.options.cpu_replicas)
+        self.strategy = strategy or make_strategy(
+            self.options.strategy, self.options.cpu_replicas, peer_timeout=self.options.peer_timeout
+        )
         check_jit_compile(self.options.jit_compile, self.strategy)
         for p in penalties:
             if not isinstance(p, Penalty):
