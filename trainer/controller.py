@@ -1,14 +1,12 @@
-"""The outer loop: model_dir, checkpoint and eval cadence, SIGTERM, progress, results, export."""
+"""The outer loop: model_dir, checkpoint and eval cadence, signals, progress, results, export."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from signal import SIGINT, SIGTERM, Signals
 from typing import Any
 
 import tensorflow as tf
@@ -16,24 +14,48 @@ from absl import logging
 
 from trainer import files, resume, summaries
 from trainer.checkpointing import Checkpointer
-from trainer.distribution import is_default
+from trainer.distribution import is_default, sum_over_workers
 from trainer.errors import ConfigError
 from trainer.lock import RunLock
 from trainer.progress import Progress, format_losses
+from trainer.signals import INTERRUPTED_EXIT_STATUS, StopSignals
 
 
 class Preempted(Exception):
-    """`train()` saved a checkpoint on SIGTERM and stopped; rerunning resumes.
+    """`train()` stopped on SIGTERM or SIGINT at a loop boundary; rerunning resumes.
+
+    With a `model_dir` the step reached is saved first; without one nothing is. Under
+    MultiWorkerMirroredStrategy a signal to any worker stops every worker at the same step:
+    as SIGTERM if any worker received one, else as SIGINT.
 
     Attributes:
-      step: the step saved.
+      step: the step reached (and saved).
+      path: the checkpoint saved (on a non-chief worker, the `model_dir` its chief saved
+        to); None without a `model_dir`.
+      signal: `signal.SIGTERM` (preemption) or `signal.SIGINT` (Ctrl-C).
+      exit_status: the CLI's exit status: `EXIT_STATUS` (42) after SIGTERM, 130 (128 +
+        SIGINT, as shells report Ctrl-C) after SIGINT.
     """
 
-    EXIT_STATUS = 42  # the CLI's exit status, as TensorFlow's PreemptionCheckpointHandler
+    EXIT_STATUS = 42  # after SIGTERM, as TensorFlow's PreemptionCheckpointHandler
 
-    def __init__(self, step: int, path: str):
-        super().__init__(f"Preempted (SIGTERM): saved step {step} to {path}; rerun to resume.")
+    def __init__(
+        self, step: int, path: str | None, signal: Signals = SIGTERM, *, elsewhere: bool = False
+    ):
+        what = "Preempted" if signal == SIGTERM else "Interrupted"
+        cause = f"{signal.name} to another worker" if elsewhere else signal.name
+        if path:
+            super().__init__(f"{what} ({cause}): saved step {step} to {path}; rerun to resume.")
+        else:
+            super().__init__(f"{what} ({cause}) at step {step}; nothing saved (no model_dir).")
         self.step = step
+        self.path = path
+        self.signal = signal
+
+    @property
+    def exit_status(self) -> int:
+        """42 (`EXIT_STATUS`) after SIGTERM, 130 after SIGINT."""
+        return self.EXIT_STATUS if self.signal == SIGTERM else INTERRUPTED_EXIT_STATUS
 
 
 @dataclasses.dataclass
@@ -102,13 +124,16 @@ class Controller:
         """Trains to `options.train_steps`, resuming from `model_dir`'s checkpoint if any.
 
         Evaluates as `options.eval_every` says, checkpoints as `options.checkpoint_every`
-        says, and on SIGTERM saves and raises `Preempted`. A run already at `train_steps` is
-        evaluated, not retrained. With `model_dir`, writes `results.json` there.
+        says, and on SIGTERM or SIGINT (`signals.StopSignals`: a second SIGINT ends the
+        process at once) saves and raises `Preempted` at the next loop boundary. A run
+        already at `train_steps` is evaluated, not retrained. With `model_dir`, writes
+        `results.json` there.
 
         Raises:
           FloatingPointError: a loss term or weight became non-finite (the message names the
             step and the term); nothing non-finite is saved.
-          Preempted: SIGTERM arrived; a checkpoint was saved.
+          Preempted: SIGTERM or SIGINT arrived (on any worker); with a `model_dir`, a
+            checkpoint was saved.
           ConfigError: `model_dir` is unwritable, or holds another task's or model's run.
         """
         trainer, opts = self.trainer, self.options
@@ -149,8 +174,8 @@ class Controller:
         if loop.set_summary_dir(model_dir if trainer.is_chief else None):
             summaries.write_text(loop.writer, "penalties", trainer.penalty_table(), trainer.step)
         try:
-            with _sigterm_flag() as preempted:
-                result = self._loops(iterator, checkpointer, preempted, lock, previous)
+            with StopSignals() as stops:
+                result = self._loops(iterator, checkpointer, stops, lock, previous)
         finally:
             if loop.writer is not None:
                 loop.writer.flush()
@@ -189,7 +214,7 @@ class Controller:
         self,
         iterator: Any,
         checkpointer: Checkpointer | None,
-        preempted,
+        stops: StopSignals,
         lock: RunLock | None,
         previous: dict[str, Any] | None,
     ) -> TrainResult:
@@ -213,15 +238,20 @@ class Controller:
                 _writing(lock.path, lock.refresh)
             self._write_scalars(step, {"steps_per_sec": rate})
             done = step >= opts.train_steps
+            stop = None if done else self._agreed_stop(stops)
+            path = None
             if checkpointer and (
-                done
-                or preempted.is_set()
-                or (opts.checkpoint_every and step % opts.checkpoint_every == 0)
+                done or stop or (opts.checkpoint_every and step % opts.checkpoint_every == 0)
             ):
                 path = _writing(f"checkpoint {step} to {checkpointer.directory!r}",
                                 lambda step=step: checkpointer.save(step))  # fmt: skip
-                if preempted.is_set() and not done:
-                    raise Preempted(step, path)
+            if stop:
+                progress.close()
+                if checkpointer:
+                    checkpointer.close()
+                    path = path if checkpointer.chief else checkpointer.directory
+                signal, elsewhere = stop
+                raise Preempted(step, path, signal, elsewhere=elsewhere)
             if done or (opts.eval_every and step % opts.eval_every == 0):
                 result.eval = trainer.evaluate()
                 if result.eval:
@@ -237,6 +267,21 @@ class Controller:
         result.step = step
         result.steps_per_sec = steady / elapsed if steady and elapsed > 0 else 0.0
         return result
+
+    def _agreed_stop(self, stops: StopSignals) -> tuple[Signals, bool] | None:
+        """The stop every worker takes at this boundary: SIGTERM if one received it, else
+        SIGINT if one did, else None; and whether it reached only other workers.
+
+        Under a multi-worker strategy the flags are summed over the workers (a collective
+        every worker joins: all reach the same boundaries); otherwise they are this process's.
+        """
+        local = stops.requested
+        flags = [float(local == SIGTERM), float(local == SIGINT)]
+        terms, interrupts = sum_over_workers(self.trainer.strategy, flags)
+        if not (terms or interrupts):
+            return None
+        signal = SIGTERM if terms else SIGINT
+        return signal, local != signal
 
     def _write_scalars(self, step: int, values: dict[str, float]) -> None:
         writer = self.trainer.train_loop.writer
@@ -288,20 +333,3 @@ def _check_finite(logs: dict[str, float], step: int) -> None:
             + ", ".join(f"{n}={logs[n]}" for n in (bad or ["loss"]))
             + "; the last checkpoint, if any, is from before it."
         )
-
-
-@contextlib.contextmanager
-def _sigterm_flag() -> Iterator[threading.Event]:
-    """An Event set on SIGTERM while the block runs; the previous handler is restored after.
-
-    Outside the main thread (where Python cannot install handlers) the event is never set.
-    """
-    event = threading.Event()
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
-    try:
-        yield event
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)

@@ -1,15 +1,34 @@
-"""tf.distribute strategies by name (default, mirrored, multi_worker, tpu) and who is chief."""
+"""tf.distribute strategies by name, who is chief, and how workers meet and agree to stop."""
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Sequence
 
 import tensorflow as tf
+from absl import logging
 
 from trainer.errors import ConfigError, check_choice, check_integer
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+_STRATEGIES: dict[tuple[str, int], tf.distribute.Strategy] = {}
+_COORDINATED_JOBS = ("chief", "worker")  # the tasks that run MultiWorkerMirroredStrategy's replicas
+
+
+class PeerTimeout(TimeoutError):
+    """Other tasks of a multi-worker cluster did not start within `peer_timeout` seconds.
+
+    The CLI prints the message, which names them, and exits with `EXIT_STATUS`: 75,
+    EX_TEMPFAIL of sysexits.h. Nothing ran; the same command may succeed once they are up.
+    """
+
+    EXIT_STATUS = 75
 
 
 def configure_cpu_replicas(count: int) -> list[str]:
@@ -53,10 +72,14 @@ def check_strategy(name: str, cpu_replicas: int) -> None:
         )
 
 
-def make_strategy(name: str = "default", cpu_replicas: int = 0) -> tf.distribute.Strategy:
+def make_strategy(
+    name: str = "default", cpu_replicas: int = 0, *, peer_timeout: int = 120
+) -> tf.distribute.Strategy:
     """A `tf.distribute.Strategy` by name.
 
-    The same arguments return the same strategy object (TensorFlow expects one per process).
+    The same name and `cpu_replicas` return the same strategy object (TensorFlow expects one
+    per process; several MirroredStrategy objects in one process were seen to collide in their
+    collective ops, "Shape mismatch in the collective instance").
 
     Args:
       name: `"default"` (no distribution), `"mirrored"` (all local GPUs, or the CPU; with
@@ -65,25 +88,28 @@ def make_strategy(name: str = "default", cpu_replicas: int = 0) -> tf.distribute
         `"tpu"` (`TPUStrategy`, TPU from the `TPU_NAME` environment variable, or the local one).
       cpu_replicas: with `"mirrored"`, mirror over this many logical CPU devices; 0 to use
         the real devices.
+      peer_timeout: with `"multi_worker"`, seconds to wait for the other tasks to start
+        (`wait_for_peers`); 0 waits forever.
 
     Raises:
       ConfigError: an unknown name, or `cpu_replicas` with another strategy.
+      PeerTimeout: other tasks of the cluster did not start within `peer_timeout` seconds.
     """
     check_strategy(name, cpu_replicas)
+    check_integer("peer_timeout", peer_timeout, 0)
     if name == "default":
         return tf.distribute.get_strategy()
-    return _new_strategy(name, cpu_replicas)
+    if (name, cpu_replicas) not in _STRATEGIES:
+        _STRATEGIES[name, cpu_replicas] = _new_strategy(name, cpu_replicas, peer_timeout)
+    return _STRATEGIES[name, cpu_replicas]
 
 
-@functools.cache
-def _new_strategy(name: str, cpu_replicas: int) -> tf.distribute.Strategy:
-    """One strategy per kind and process: several MirroredStrategy objects in one process
-    were seen to collide in their collective ops ("Shape mismatch in the collective instance")."""
+def _new_strategy(name: str, cpu_replicas: int, peer_timeout: int) -> tf.distribute.Strategy:
     if name == "mirrored":
         devices = configure_cpu_replicas(cpu_replicas) if cpu_replicas else None
         return tf.distribute.MirroredStrategy(devices)
     if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return _multi_worker_strategy(peer_timeout)
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(os.environ.get("TPU_NAME", ""))
     tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
@@ -124,3 +150,140 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return task_type == "chief" or (
         not has_chief and task_type == "worker" and resolver.task_id == 0
     )
+
+
+def _multi_worker_strategy(peer_timeout: int) -> tf.distribute.Strategy:
+    """MultiWorkerMirroredStrategy, once every other task of `TF_CONFIG` is up.
+
+    Its constructor waits for the other tasks itself, but forever and holding the GIL: no
+    Python thread, no Python signal handler runs meanwhile (Ctrl-C is not seen), and the
+    SIGTERM handler TensorFlow installs then (its preemption notifier) only records the
+    signal. Waiting in `wait_for_peers` first keeps both signals working and bounds the wait;
+    should a task vanish between that and the constructor, faulthandler ends the process
+    (status 1, with a traceback) after `peer_timeout` seconds. Afterwards the SIGTERM handler
+    from before (the default action, unless one was set) replaces TensorFlow's: outside the
+    training loop, where `signals.StopSignals` catches it, SIGTERM ends the process.
+    """
+    wait_for_peers(peer_timeout)
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM)  # what Python set; TensorFlow's is not seen
+    if peer_timeout:
+        faulthandler.dump_traceback_later(peer_timeout, exit=True)
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    finally:
+        if peer_timeout:
+            faulthandler.cancel_dump_traceback_later()
+    if main_thread:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if sigterm is None else sigterm)
+    return strategy
+
+
+def _cluster_addresses() -> tuple[str | None, dict[str, str]]:
+    """This task's address in `TF_CONFIG` (None if it is not a chief or worker), and the
+    other chief and worker tasks' addresses by name (`"worker 1"`)."""
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    spec = resolver.cluster_spec().as_dict()
+    own, others = None, {}
+    for job in _COORDINATED_JOBS:
+        tasks = spec.get(job, [])
+        for index, address in tasks.items() if isinstance(tasks, dict) else enumerate(tasks):
+            if (job, index) == (resolver.task_type, resolver.task_id):
+                own = address
+            else:
+                others[f"{job} {index}"] = address
+    return own, others
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _accepts(address: str) -> bool:
+    """Whether something accepts TCP connections at `address` (host:port)."""
+    try:
+        socket.create_connection(_host_port(address), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def _listen(address: str) -> socket.socket | None:
+    """A socket listening on `address`'s port, so that the other tasks see this one; None
+    if the port is taken (then what holds it answers them)."""
+    port = _host_port(address)[1]
+    try:
+        if socket.has_dualstack_ipv6():
+            return socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True)
+        return socket.create_server(("", port))
+    except OSError:
+        return None
+
+
+def wait_for_peers(timeout: int) -> None:
+    """Waits until every other chief and worker task of `TF_CONFIG` accepts TCP connections.
+
+    Meanwhile this task's own port accepts them too (TensorFlow's server takes it over when
+    the strategy is made), so that tasks started in any order find each other. The wait is
+    plain Python: SIGINT raises KeyboardInterrupt, SIGTERM acts as the process has it set.
+
+    Args:
+      timeout: seconds; 0 waits forever.
+
+    Raises:
+      PeerTimeout: naming the tasks (and addresses) that did not answer in time.
+    """
+    own, missing = _cluster_addresses()
+    deadline = time.monotonic() + timeout
+    listener = _listen(own) if own and missing else None
+    try:
+        while missing := {n: a for n, a in missing.items() if not _accepts(a)}:
+            names = ", ".join(f"{n} at {a}" for n, a in missing.items())
+            if timeout and time.monotonic() >= deadline:
+                raise PeerTimeout(
+                    f"Other tasks did not start within `peer_timeout` ({timeout} s): {names}; "
+                    "start them, or check the addresses in TF_CONFIG."
+                )
+            logging.log_every_n_seconds(
+                logging.INFO, "Waiting for %s to start (peer_timeout: %s).", 30, names,
+                f"{timeout} s" if timeout else "none",
+            )  # fmt: skip
+            time.sleep(0.2)
+    finally:
+        if listener is not None:
+            listener.close()
+
+
+def worker_count(strategy: tf.distribute.Strategy) -> int:
+    """The processes that run `strategy`'s replicas together: the chief and worker tasks of a
+    MultiWorkerMirroredStrategy's cluster, else 1 (a TPU pod has one client too)."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return 1
+    spec = strategy.cluster_resolver.cluster_spec()
+    return max(1, sum(spec.num_tasks(job) for job in _COORDINATED_JOBS if job in spec.jobs))
+
+
+def sum_over_workers(strategy: tf.distribute.Strategy, values: Sequence[float]) -> list[float]:
+    """`values` summed over the processes of a multi-worker `strategy`, else `values`.
+
+    Over several processes this is a collective all-reduce that each of them must call, in
+    the same order; with one process (the default strategy, MirroredStrategy, TPUStrategy)
+    nothing runs.
+    """
+    if worker_count(strategy) == 1:
+        return list(values)
+    return _all_reduce(strategy)(tf.constant(values, tf.float32)).numpy().tolist()
+
+
+@functools.cache
+def _all_reduce(strategy: tf.distribute.Strategy):
+    replicas = len(local_devices(strategy))
+
+    @tf.function
+    def all_reduce(values):
+        # Each local replica contributes the process's values once; summed over all replicas.
+        per_replica = strategy.run(tf.identity, args=(values,))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None) / replicas
+
+    return all_reduce

@@ -11,9 +11,11 @@ from absl import app, flags, logging
 
 from trainer import files, registry
 from trainer.controller import Preempted
+from trainer.distribution import PeerTimeout
 from trainer.errors import ConfigError
 from trainer.options import CHOICES, TrainerOptions, field_docs
 from trainer.progress import format_losses
+from trainer.signals import INTERRUPTED_EXIT_STATUS
 from trainer.summaries import write_text
 from trainer.sweep import parse_sweep, run_sweep
 
@@ -132,9 +134,15 @@ def main(argv: list[str]) -> None:
     except (FloatingPointError, files.WriteError) as e:
         print(f"trainer: {e}", file=sys.stderr)
         sys.exit(1)
-    except Preempted as e:
+    except Preempted as e:  # SIGTERM: 42, SIGINT: 130; see Preempted.exit_status
         print(f"trainer: {e}", file=sys.stderr)
-        sys.exit(Preempted.EXIT_STATUS)
+        sys.exit(e.exit_status)
+    except PeerTimeout as e:
+        print(f"trainer: {e}", file=sys.stderr)
+        sys.exit(PeerTimeout.EXIT_STATUS)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop, which catches it itself
+        print("trainer: Interrupted (SIGINT).", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_STATUS)
     print(
         f"{_TASK.value}: {result.step} steps, {result.steps_per_sec:.0f} steps/s after a "
         f"{result.first_loop_sec:.1f} s first loop (tracing, compiling)\n"

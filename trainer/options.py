@@ -61,6 +61,9 @@ class TrainerOptions:
         weights bit-identical to an uninterrupted one.
       summary_every: with model_dir, write TensorBoard scalars every this many steps from
         inside the train loop; 0 writes none.
+      peer_timeout: with strategy multi_worker, seconds to wait for the other tasks in
+        TF_CONFIG to start; then exit with one line naming the missing ones (status 75). 0
+        waits forever.
     """
 
     optimizer: str = "adam"
@@ -82,11 +85,12 @@ class TrainerOptions:
     export_dir: str | None = None
     deterministic: bool = False
     summary_every: int = 100
+    peer_timeout: int = 120
 
     def __post_init__(self):
         for name in ("batch_size", "train_steps", "steps_per_loop"):
             check_integer(name, getattr(self, name), 1)
-        for name in ("eval_every", "checkpoint_every", "summary_every"):
+        for name in ("eval_every", "checkpoint_every", "summary_every", "peer_timeout"):
             check_integer(name, getattr(self, name), 0)
         check_integer("seed", self.seed, 0, 2**32 - 1)
         check_positive("learning_rate", self.learning_rate)

@@ -62,8 +62,9 @@ class Trainer:
         penalties: Sequence[Penalty] = (),
         strategy: tf.distribute.Strategy | None = None,
     ):
-        self.options = options or self.make_options()
-        self.strategy = strategy or make_strategy(self.options.strategy, self.options.cpu_replicas)
+        self.options = opts = options or self.make_options()
+        self.strategy = strategy or make_strategy(opts.strategy, opts.cpu_replicas,
+                                                  peer_timeout=opts.peer_timeout)  # fmt: skip
         check_jit_compile(self.options.jit_compile, self.strategy)
         for p in penalties:
             if not isinstance(p, Penalty):
@@ -187,10 +188,10 @@ class Trainer:
         )
         self.step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self._model = model
+        use_function = self.options.use_tf_function
         self._eval_step = (
-            tf.function(self._evaluate_batch) if self.options.use_tf_function
-            else self._evaluate_batch
-        )  # fmt: skip
+            tf.function(self._evaluate_batch) if use_function else self._evaluate_batch
+        )
         logging.info(
             "%s on %s with %d replica(s); penalty coverage:\n%s",
             type(self).__name__,
@@ -231,8 +232,7 @@ class Trainer:
         return self._loop
 
     def penalty_table(self) -> str:
-        """What covers each trainable variable (penalties, the optimizer's own weight decay),
-        and which variables nothing covers."""
+        """What covers each trainable variable: penalties, the optimizer's decay, or nothing."""
         self.model  # noqa: B018 -- resolves the selections
         return coverage_table(self.trainable_variables, self.coverage)
 
