@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import keras
@@ -102,6 +103,26 @@ class TrainerOptions:
                 raise ConfigError(f"`{name}` ({getattr(self, name)!r}) must be True or False.")
         if self.jit_compile not in (None, True, False):
             raise ConfigError(f"`jit_compile` ({self.jit_compile!r}) must be None, True or False.")
+
+
+def options_with(
+    defaults: Mapping[str, Any], overrides: Mapping[str, Any], *, owner: str
+) -> TrainerOptions:
+    """`TrainerOptions` with `defaults` (a task's `default_options`), then `overrides`.
+
+    Raises:
+      ConfigError: a key is not a `TrainerOptions` field (naming `owner`), or a value is
+        invalid.
+    """
+    fields = {f.name for f in dataclasses.fields(TrainerOptions)}
+    for source, values in (("default_options", defaults), ("options", overrides)):
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ConfigError(
+                f"{owner} {source}: {unknown[0]!r} is not a TrainerOptions field; "
+                f"the fields: {', '.join(sorted(fields))}."
+            )
+    return TrainerOptions(**{**defaults, **overrides})
 
 
 def field_docs() -> dict[str, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -15,7 +14,7 @@ from trainer.distribution import check_jit_compile, is_chief, is_default, make_s
 from trainer.errors import ConfigError
 from trainer.inputs import InMemoryBatches
 from trainer.loop import TrainLoop
-from trainer.options import TrainerOptions, make_optimizer
+from trainer.options import TrainerOptions, make_optimizer, options_with
 from trainer.penalties import Penalty, check_loss_term
 from trainer.report import coverage, coverage_table
 from trainer.updates import DecoupledUpdates
@@ -82,15 +81,7 @@ class Trainer:
         Raises:
           ConfigError: a key is not a `TrainerOptions` field, or a value is invalid.
         """
-        fields = {f.name for f in dataclasses.fields(TrainerOptions)}
-        for source, values in (("default_options", cls.default_options), ("options", overrides)):
-            unknown = sorted(set(values) - fields)
-            if unknown:
-                raise ConfigError(
-                    f"{cls.__name__} {source}: {unknown[0]!r} is not a TrainerOptions field; "
-                    f"the fields: {', '.join(sorted(fields))}."
-                )
-        return TrainerOptions(**{**cls.default_options, **overrides})
+        return options_with(cls.default_options, overrides, owner=cls.__name__)
 
     # ---- hooks for tasks -------------------------------------------------------------
 
