@@ -33,7 +33,8 @@ class TrainLoop:
 
     The batches come from the task's `train_arrays`, gathered in-graph from the step number
     (no strategy; the whole loop may then be one XLA computation), or else from an iterator
-    over `train_dataset` that the caller passes to `run`. The loop stops early at a
+    over `train_dataset` that the caller passes to `run`; each goes through the trainer's
+    `preprocess` inside the step, per replica. The loop stops early at a
     non-finite loss. With a summary writer, TensorBoard rows recorded every `summary_every`
     steps are written after the (possibly XLA-compiled) loop, in the same call.
 
@@ -54,8 +55,8 @@ class TrainLoop:
         )  # fmt: skip
         self._eager = not options.use_tf_function
         self._step_fn = (
-            trainer.train_step if self._eager
-            else tf.function(trainer.train_step, jit_compile=options.jit_compile is True)
+            self._train_step if self._eager
+            else tf.function(self._train_step, jit_compile=options.jit_compile is True)
         )  # fmt: skip
         self._initial_lr = initial_learning_rate(trainer.optimizer)
         self._tags = summaries.step_tags(trainer.loss_names, trainer.selections)
@@ -134,6 +135,9 @@ class TrainLoop:
         self._xla = xla and not self._eager
         self._steps_fn = tf.function(self._steps, jit_compile=True) if self._xla else self._steps
         self._loop_fn = self._loop if self._eager else tf.function(self._loop)
+
+    def _train_step(self, batch: Any) -> list[tf.Tensor]:
+        return self.trainer.train_step(self.trainer.preprocess(*batch))
 
     def _loop(self, iterator: Any, num_steps: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """The steps, then the TensorBoard rows they recorded (outside XLA); returns the mean
