@@ -9,7 +9,7 @@ from absl.testing import parameterized
 from array_task import ArrayTask, mse, regression_data, small_model
 from test_tensorboard import read_events
 
-from trainer import L2, DecoupledWeightDecay, Trainer, TrainerOptions
+from trainer import L2, ConfigError, DecoupledWeightDecay, Trainer, TrainerOptions, read_to_memory
 from trainer.distribution import make_strategy
 from trainer.inputs import InMemoryBatches
 
@@ -115,6 +115,51 @@ class InMemoryBatchesTest(tf.test.TestCase):
     def test_too_few_examples(self):
         with self.assertRaisesRegex(ValueError, r"`batch_size` \(100\) exceeds the 72"):
             InMemoryBatches(np.zeros([72, 2]), batch_size=100, seed=0)
+
+
+class ReadToMemoryTest(tf.test.TestCase):
+    def read(self, dataset, **kwargs):
+        task = ArraysTask(options(**kwargs))
+        with self.assertLogs(logger="absl", level="INFO") as logs:
+            arrays = read_to_memory(dataset, task)
+        lines = [line for line in logs.output if "ArraysTask: " in line]
+        self.assertLen(lines, 1)
+        return arrays, lines[0]
+
+    def test_data_that_fits_is_read_as_stored(self):
+        """10,000 examples (more than one read chunk) of uint8 images and int64 labels come
+        back as NumPy arrays of the same dtypes, in order; the log line gives the size."""
+        images = np.random.RandomState(0).randint(0, 256, [10_000, 3, 2]).astype(np.uint8)
+        labels = np.arange(10_000, dtype=np.int64)
+        dataset = tf.data.Dataset.from_tensor_slices((images, labels))
+        (read_images, read_labels), line = self.read(dataset)
+        self.assertEqual(read_images.dtype, np.uint8)
+        self.assertEqual(read_labels.dtype, np.int64)
+        np.testing.assert_array_equal(read_images, images)
+        np.testing.assert_array_equal(read_labels, labels)
+        self.assertRegex(
+            line,
+            r"ArraysTask: 10000 examples, 0.1 MB as stored \(uint8, int64\), in memory "
+            r"\(≤ 25% of [\d.]+ GiB RAM \(in_memory_fraction\)\): batches gathered in-graph\.",
+        )
+
+    def test_too_large_or_unknown_size_is_left_to_tf_data(self):
+        dataset = tf.data.Dataset.from_tensor_slices(np.zeros([100, 4], np.float32))
+        arrays, line = self.read(dataset, in_memory_fraction=0.0)
+        self.assertIsNone(arrays)
+        self.assertRegex(
+            line,
+            r"ArraysTask: 100 examples, 0.0 MB as stored \(float32\), over 0% of [\d.]+ GiB RAM "
+            r"\(in_memory_fraction\): batches from a tf.data pipeline\.",
+        )
+        arrays, line = self.read(dataset.filter(lambda x: x[0] >= 0))
+        self.assertIsNone(arrays)
+        self.assertIn("unknown size", line)
+
+    def test_fraction_is_checked(self):
+        for bad in (-0.1, 1.5, float("nan"), "0.5"):
+            with self.assertRaisesRegex(ConfigError, "in_memory_fraction"):
+                TrainerOptions(in_memory_fraction=bad)
 
 
 class FastPathTest(parameterized.TestCase, tf.test.TestCase):
