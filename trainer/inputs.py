@@ -1,4 +1,4 @@
-"""Training input: data read to memory if it fits, then batched in-graph, chosen by the step."""
+"""Training input: data read to memory if it fits, batched in-graph by step; input waits."""
 
 from __future__ import annotations
 
@@ -212,6 +212,62 @@ def _fixed_numeric(spec: Any) -> bool:
         and spec.shape.is_fully_defined()
         and (spec.dtype.is_integer or spec.dtype.is_floating or spec.dtype == tf.bool)
     )
+
+
+class InputWait:
+    """The share of the train loops' time spent waiting for batches from an iterator.
+
+    Each loop over an iterator measures in-graph how long its `get_next` calls blocked
+    (`TrainLoop.input_wait_s`); `add` sums those waits and the loops' wall times, leaving out
+    the first loop (tracing, compiling) unless it is the only one. Above `WARN_ABOVE`, one
+    warning names the share and the fix: during training once `MEASURED_S` seconds of loops
+    are counted (fewer would be noise), else at `finish`.
+    """
+
+    WARN_ABOVE = 0.2
+    MEASURED_S = 10.0
+
+    def __init__(self):
+        self._first: tuple[float, float] | None = None
+        self._wait = self._wall = 0.0
+        self._warned = False
+
+    def add(self, wait_s: float | None, loop_s: float) -> None:
+        """Counts one loop: `wait_s` (None for in-memory input) of its `loop_s` seconds."""
+        if wait_s is None:
+            return
+        if self._first is None:
+            self._first = (wait_s, loop_s)
+            return
+        self._wait += wait_s
+        self._wall += loop_s
+        if self._wall >= self.MEASURED_S:
+            self._warn()
+
+    @property
+    def share(self) -> float | None:
+        """Seconds waited over loop seconds, in [0, 1]; None without iterator input."""
+        if self._first is None:
+            return None
+        wait, wall = (self._wait, self._wall) if self._wall > 0 else self._first
+        return round(min(max(wait / wall, 0.0), 1.0), 4) if wall > 0 else 0.0
+
+    def finish(self) -> float | None:
+        """The share at the end of training, warned about if not yet."""
+        self._warn()
+        return self.share
+
+    def _warn(self) -> None:
+        share = self.share
+        if self._warned or share is None or share <= self.WARN_ABOVE:
+            return
+        self._warned = True
+        logging.warning(
+            "Input-bound: the train loop waited for the next tf.data batch %.0f%% of its time. "
+            "If the data fits in memory, return it from train_arrays(); otherwise batch before "
+            "map, replace per-example work with batched ops and end the pipeline with prefetch.",
+            100 * share,
+        )
 
 
 def _mix(x: tf.Tensor) -> tf.Tensor:
