@@ -7,20 +7,15 @@ from typing import ClassVar
 import keras
 import tensorflow as tf
 
-from tasks import tfds_data
-from tasks.mnist import Mnist
+from tasks.mnist import Mnist, scale_pixels
 from trainer import register_task
-
-
-def _scale(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    return tf.cast(image, tf.float32) / 255.0, label
 
 
 @register_task("cifar10")
 class Cifar10(Mnist):
     """Conv(32)-Pool-Conv(64)-Pool-Dense(128)-Dense(10) with sparse cross-entropy.
 
-    Differs from `Mnist` only in its data and model.
+    Differs from `Mnist` only in its data, its model and `preprocess`.
     """
 
     default_options: ClassVar[dict] = {"train_steps": 5000, "batch_size": 128, "eval_every": 1000}
@@ -41,6 +36,6 @@ class Cifar10(Mnist):
             ]
         )
 
-    def _load(self, split: str) -> tf.data.Dataset:
-        ds = tfds_data.load(self.dataset_name, split, self.options.data_dir, self.download_host)
-        return ds.cache().map(_scale, num_parallel_calls=tf.data.AUTOTUNE)
+    def preprocess(self, features: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """uint8 images `[batch, 32, 32, 3]` to float32 pixels in [0, 1]."""
+        return scale_pixels(features), labels

@@ -1,8 +1,10 @@
-"""Test helpers: a Trainer over in-memory arrays with batches in order, and a small named model."""
+"""Test helpers: a Trainer over in-memory arrays with batches in order, a small named model, and
+TensorFlow's op determinism set for a block."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import keras
 import numpy as np
@@ -81,3 +83,24 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, steps: int):
     for step in range(steps):
         start = step * batch_size % len(x)
         yield x[start : start + batch_size], y[start : start + batch_size]
+
+
+@contextlib.contextmanager
+def op_determinism(enabled: bool) -> Iterator[None]:
+    """TensorFlow's process-wide op determinism set to `enabled` in the block, then restored.
+
+    A Trainer with `deterministic=True` turns it on for the rest of the process, and under it
+    TensorFlow refuses the timestamps that measure input waits (`input_wait_share` is None):
+    tests of the measurement run with it off, whatever ran before them.
+    """
+    from tensorflow.python.framework import config  # no public way to query or turn it off
+
+    def set_to(value: bool) -> None:
+        (config.enable_op_determinism if value else config.disable_op_determinism)()
+
+    before = config.is_op_determinism_enabled()
+    set_to(enabled)
+    try:
+        yield
+    finally:
+        set_to(before)

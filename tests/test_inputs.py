@@ -1,17 +1,20 @@
-"""The in-memory fast path: in-graph batches, the whole loop under XLA, and what must not change."""
+"""The in-memory fast path: in-graph batches, the whole loop under XLA, and what must not change;
+the input-wait share of a tf.data input, and its warning."""
 
+import json
 import os
+import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
-from array_task import mse, regression_data, small_model
+from array_task import ArrayTask, mse, op_determinism, regression_data, small_model
 from test_tensorboard import read_events
 
-from trainer import L2, DecoupledWeightDecay, Trainer, TrainerOptions
+from trainer import L2, ConfigError, DecoupledWeightDecay, Trainer, TrainerOptions, read_to_memory
 from trainer.distribution import make_strategy
-from trainer.inputs import InMemoryBatches
+from trainer.inputs import InMemoryBatches, InputWait
 
 
 class ArraysTask(Trainer):
@@ -117,6 +120,51 @@ class InMemoryBatchesTest(tf.test.TestCase):
             InMemoryBatches(np.zeros([72, 2]), batch_size=100, seed=0)
 
 
+class ReadToMemoryTest(tf.test.TestCase):
+    def read(self, dataset, **kwargs):
+        task = ArraysTask(options(**kwargs))
+        with self.assertLogs(logger="absl", level="INFO") as logs:
+            arrays = read_to_memory(dataset, task)
+        lines = [line for line in logs.output if "ArraysTask: " in line]
+        self.assertLen(lines, 1)
+        return arrays, lines[0]
+
+    def test_data_that_fits_is_read_as_stored(self):
+        """10,000 examples (more than one read chunk) of uint8 images and int64 labels come
+        back as NumPy arrays of the same dtypes, in order; the log line gives the size."""
+        images = np.random.RandomState(0).randint(0, 256, [10_000, 3, 2]).astype(np.uint8)
+        labels = np.arange(10_000, dtype=np.int64)
+        dataset = tf.data.Dataset.from_tensor_slices((images, labels))
+        (read_images, read_labels), line = self.read(dataset)
+        self.assertEqual(read_images.dtype, np.uint8)
+        self.assertEqual(read_labels.dtype, np.int64)
+        np.testing.assert_array_equal(read_images, images)
+        np.testing.assert_array_equal(read_labels, labels)
+        self.assertRegex(
+            line,
+            r"ArraysTask: 10000 examples, 0.1 MB as stored \(uint8, int64\), in memory "
+            r"\(≤ 25% of [\d.]+ GiB RAM \(in_memory_fraction\)\): batches gathered in-graph\.",
+        )
+
+    def test_too_large_or_unknown_size_is_left_to_tf_data(self):
+        dataset = tf.data.Dataset.from_tensor_slices(np.zeros([100, 4], np.float32))
+        arrays, line = self.read(dataset, in_memory_fraction=0.0)
+        self.assertIsNone(arrays)
+        self.assertRegex(
+            line,
+            r"ArraysTask: 100 examples, 0.0 MB as stored \(float32\), over 0% of [\d.]+ GiB RAM "
+            r"\(in_memory_fraction\): batches from a tf.data pipeline\.",
+        )
+        arrays, line = self.read(dataset.filter(lambda x: x[0] >= 0))
+        self.assertIsNone(arrays)
+        self.assertIn("unknown size", line)
+
+    def test_fraction_is_checked(self):
+        for bad in (-0.1, 1.5, float("nan"), "0.5"):
+            with self.assertRaisesRegex(ConfigError, "in_memory_fraction"):
+                TrainerOptions(in_memory_fraction=bad)
+
+
 class FastPathTest(parameterized.TestCase, tf.test.TestCase):
     def train(self, **kwargs):
         task = ArraysTask(options(**kwargs.pop("opts", {})), penalties=PENALTIES(), **kwargs)
@@ -186,6 +234,43 @@ class FastPathTest(parameterized.TestCase, tf.test.TestCase):
         for a, b in zip(single.model.get_weights(), mirrored.model.get_weights()):
             self.assertAllClose(a, b, atol=1e-5, rtol=0)
 
+    def test_preprocess_applies_to_every_batch(self):
+        """Features stored ×4 with a `preprocess` that divides by 4 (exact in floats) train
+        and evaluate exactly as the plain ones: in memory (XLA), through the default
+        `train_dataset` under MirroredStrategy, and through a task's own tf.data pipeline."""
+
+        def unscale(features, labels):
+            return features / 4.0, labels
+
+        class Scaled(ArraysTask):
+            def __init__(self, options, **kwargs):
+                super().__init__(options, **kwargs)
+                self.x = self.x * 4.0
+
+            def preprocess(self, features, labels):
+                return unscale(features, labels)
+
+        class ScaledArrayTask(ArrayTask):
+            def preprocess(self, features, labels):
+                return unscale(features, labels)
+
+        mirrored = lambda: make_strategy("mirrored", cpu_replicas=2)  # noqa: E731
+        x, y = regression_data(n=64)
+        pairs = [
+            (lambda: ArraysTask(options()), lambda: Scaled(options())),
+            (lambda: ArraysTask(options(jit_compile=False), strategy=mirrored()),
+             lambda: Scaled(options(jit_compile=False), strategy=mirrored())),
+            (lambda: ArrayTask(x, y, options()), lambda: ScaledArrayTask(4 * x, y, options())),
+        ]  # fmt: skip
+        for plain_fn, scaled_fn in pairs:
+            plain, scaled = plain_fn(), scaled_fn()
+            plain.train()
+            scaled.train()
+            self.assertEqual(plain.train_loop.in_memory, scaled.train_loop.in_memory)
+            for a, b in zip(plain.model.get_weights(), scaled.model.get_weights()):
+                np.testing.assert_array_equal(a, b)
+            self.assertEqual(plain.evaluate(), scaled.evaluate())
+
     def test_summaries_from_the_xla_loop(self):
         """Rows recorded inside the compiled loop, written right after it: same tags."""
         model_dir = self.create_tempdir().full_path
@@ -208,6 +293,105 @@ class FastPathTest(parameterized.TestCase, tf.test.TestCase):
         history = model.fit(x, y, epochs=2, verbose=0)
         self.assertLess(history.history["loss"][1], history.history["loss"][0])
         self.assertEqual(keras.mixed_precision.global_policy().name, "float32")
+
+
+class SlowPipelineTask(ArraysTask):
+    """The same data through a tf.data pipeline that sleeps `delay` seconds per batch."""
+
+    def __init__(self, options, *, delay):
+        super().__init__(options)
+        self.delay = delay
+
+    def train_arrays(self):
+        return None
+
+    def train_dataset(self):
+        def sleep(x, y):
+            time.sleep(self.delay)
+            return x, y
+
+        x_shape = [self.options.batch_size, self.x.shape[1]]
+        y_shape = [self.options.batch_size, self.y.shape[1]]
+
+        batches = (
+            tf.data.Dataset.from_tensor_slices((self.x, self.y))
+            .repeat()
+            .batch(self.options.batch_size, drop_remainder=True)
+            .map(lambda x, y: tf.py_function(sleep, [x, y], [tf.float32, tf.float32]))
+            .map(lambda x, y: (tf.ensure_shape(x, x_shape), tf.ensure_shape(y, y_shape)))
+            .prefetch(tf.data.AUTOTUNE)
+        )
+        # The py_function's state (none) need not be saved with the iterator's position.
+        saving = tf.data.Options()
+        saving.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+        return batches.with_options(saving)
+
+
+class InputWaitTest(tf.test.TestCase):
+    def train(self, task):
+        with op_determinism(False), self.assertLogs(logger="absl", level="INFO") as logs:
+            result = task.train()
+        warnings = [line for line in logs.output if "Input-bound" in line]
+        return result, warnings
+
+    def test_a_slow_pipeline_is_reported_and_warned_about_once(self):
+        """Batches that take 20 ms to make, steps of well under 1 ms: the loop waits for its
+        input most of the time; one warning gives the share and the fixes; results.json and
+        the TrainResult carry the share."""
+        model_dir = self.create_tempdir().full_path
+        task = SlowPipelineTask(
+            options(train_steps=12, steps_per_loop=3, model_dir=model_dir), delay=0.02
+        )
+        result, warnings = self.train(task)
+        self.assertFalse(task.train_loop.in_memory)
+        self.assertGreater(result.input_wait_share, 0.5)
+        self.assertLessEqual(result.input_wait_share, 1.0)
+        self.assertLen(warnings, 1)
+        self.assertIn(f"{100 * result.input_wait_share:.0f}% of its time", warnings[0])
+        for fix in ("train_arrays()", "batch before map", "prefetch"):
+            self.assertIn(fix, warnings[0])
+        with open(os.path.join(model_dir, "results.json")) as f:
+            self.assertEqual(json.load(f)["input_wait_share"], result.input_wait_share)
+        # Per loop: at least the 3 sleeps' worth of waiting (the first batch may be ready).
+        self.assertGreater(task.train_loop.input_wait_s, 2 * 0.02)
+
+    def test_in_memory_input_has_no_share_and_no_warning(self):
+        model_dir = self.create_tempdir().full_path
+        task = ArraysTask(options(model_dir=model_dir))
+        result, warnings = self.train(task)
+        self.assertTrue(task.train_loop.in_memory)
+        self.assertIsNone(task.train_loop.input_wait_s)
+        self.assertIsNone(result.input_wait_share)
+        self.assertEmpty(warnings)
+        with open(os.path.join(model_dir, "results.json")) as f:
+            self.assertIsNone(json.load(f)["input_wait_share"])
+
+    def test_under_op_determinism_nothing_is_measured(self):
+        """TensorFlow refuses timestamps under op determinism: the loop runs untimed."""
+        task = SlowPipelineTask(options(train_steps=4, steps_per_loop=2), delay=0.0)
+        with op_determinism(True):
+            result = task.train()
+        self.assertEqual(result.step, 4)
+        self.assertIsNone(result.input_wait_share)
+
+    def test_share_leaves_out_the_first_loop_and_warns_once(self):
+        """The first loop (tracing) counts only when it is the only one; one warning, at
+        `finish` unless `MEASURED_S` seconds of loops are counted before."""
+        wait = InputWait()
+        self.assertIsNone(wait.finish())
+        wait.add(None, 1.0)  # in-memory loops are not counted
+        self.assertIsNone(wait.share)
+        wait.add(9.0, 10.0)  # the first loop
+        self.assertEqual(wait.share, 0.9)
+        with self.assertNoLogs(logger="absl", level="WARNING"):
+            wait.add(1.0, 4.0)
+            wait.add(0.0, 1.0)
+        self.assertEqual(wait.share, 0.2)  # 1 s of 5: the first loop left out
+        with self.assertLogs(logger="absl", level="WARNING") as logs:
+            wait.add(4.0, 5.0)  # 5 s of 10 s: measured long enough to warn now
+            self.assertEqual(wait.finish(), 0.5)
+        self.assertLen(logs.output, 1)
+        self.assertIn("50% of its time", logs.output[0])
 
 
 if __name__ == "__main__":

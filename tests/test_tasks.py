@@ -1,8 +1,9 @@
 """Tests for the built-in tasks: mnist and cifar10 on mocked TFDS data, offline failure, synthetic.
 
-The TFDS tasks run their real loading code (`tasks.tfds_data.load`, the tasks' maps, shuffles
-and batches) under `tfds.testing.mock_data`, which replaces only the stored records with
-deterministic random examples of the datasets' real feature specs.
+The TFDS tasks run their real loading code (`tasks.tfds_data.load`, `read_to_memory`, the
+tf.data fallback's shuffles and batches, `preprocess`) under `tfds.testing.mock_data`, which
+replaces only the stored records with deterministic random examples of the datasets' real
+feature specs.
 """
 
 import contextlib
@@ -20,6 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from array_task import op_determinism
 
 from tasks import synthetic, tfds_data
 from tasks.cifar10 import Cifar10
@@ -47,7 +49,21 @@ class _TfdsTaskTest(tf.test.TestCase):
     """Shared checks for a TFDS task trained once per class under `tfds.testing.mock_data`."""
 
     task_cls = None
-    feature_shape: tuple[int, ...] = ()
+    feature_shape: tuple[int, ...] = ()  # what the model takes
+    stored_shape: tuple[int, ...] = ()  # what TFDS stores, as uint8
+
+    def scaled(self, images: np.ndarray) -> np.ndarray:
+        """What the model takes for uint8 `images`, computed in NumPy: float32 k/255."""
+        raise NotImplementedError("a subclass computes its reference")
+
+    def old_map(self, image: tf.Tensor) -> tf.Tensor:
+        """The per-example map the task's tf.data pipeline applied before `preprocess`."""
+        raise NotImplementedError("a subclass gives it")
+
+    def options(self, **kwargs) -> TrainerOptions:
+        defaults = {"train_steps": TRAIN_STEPS, "batch_size": BATCH_SIZE,
+                    "steps_per_loop": STEPS_PER_LOOP, "data_dir": self.data_dir}  # fmt: skip
+        return TrainerOptions(**{**defaults, **kwargs})
 
     @classmethod
     def setUpClass(cls):
@@ -97,18 +113,56 @@ class _TfdsTaskTest(tf.test.TestCase):
         outputs = model(tf.zeros([3, *self.feature_shape]))
         self.assertEqual(outputs.shape, (3, NUM_CLASSES))
 
-    def test_train_dataset_yields_scaled_float_features_and_int_labels(self):
-        """Train batches: float32 features of the model's shape in [0, 1], k/255, int labels."""
+    def test_in_memory_path_with_arrays_as_stored(self):
+        """Mocked data fits in memory: uint8 images and int64 labels as TFDS stores them,
+        batches gathered in-graph, and one INFO line saying so."""
+        self.assertTrue(self.trainer.train_loop.in_memory)
+        images, labels = self.trainer.train_arrays()
+        self.assertEqual(images.dtype, np.uint8)
+        self.assertEqual(images.shape, (NUM_EXAMPLES, *self.stored_shape))
+        self.assertEqual(labels.dtype, np.int64)
+        self.assertEqual(labels.shape, (NUM_EXAMPLES,))
+        with self.assertLogs(logger="absl", level="INFO") as logs:
+            self.task_cls(self.options()).train_arrays()
+        lines = [line for line in logs.output if "in memory" in line]
+        self.assertLen(lines, 1)
+        size = NUM_EXAMPLES * (np.prod(self.stored_shape) + 8) / 1e6
+        self.assertRegex(
+            lines[0],
+            rf"{self.task_cls.dataset_name}: {NUM_EXAMPLES} examples, {size:.1f} MB as stored "
+            r"\(uint8, int64\), in memory \(≤ 25% of [\d.]+ GiB RAM \(in_memory_fraction\)\): "
+            r"batches gathered in-graph\.",
+        )
+        self.assertIsNone(self.result.input_wait_share)
+
+    def test_preprocess_matches_the_old_per_example_map(self):
+        """`preprocess` on stored batches (eagerly and under XLA, as in the loop) gives the
+        floats the old per-example map gave: NumPy's float32 k/255, bit for bit."""
+        images, labels = self.trainer.train_arrays()
+        expected = self.scaled(images)
+        self.assertEqual(expected.shape, (NUM_EXAMPLES, *self.feature_shape))
+        old = tf.data.Dataset.from_tensor_slices(images).map(self.old_map).batch(NUM_EXAMPLES)
+        self.assertAllEqual(old.get_single_element(), expected)
+        compiled = tf.function(self.trainer.preprocess, jit_compile=True)
+        for preprocess in (self.trainer.preprocess, compiled):
+            features, same_labels = preprocess(tf.constant(images), tf.constant(labels))
+            self.assertEqual(features.dtype, tf.float32)
+            self.assertAllEqual(features, expected)
+            self.assertAllEqual(same_labels, labels)
+        self.assertGreater(expected.max(), 0.99)  # mock pixels span 0..255: scaled, not clipped
+
+    def test_train_dataset_batches_preprocess_to_scaled_float_features_and_int_labels(self):
+        """Train batches (what strategies take) are stored uint8; after `preprocess`, float32
+        features of the model's shape in [0, 1], k/255, and int labels."""
         dataset = self.trainer.train_dataset()
         features_spec, labels_spec = dataset.element_spec
-        self.assertEqual(features_spec.dtype, tf.float32)
-        self.assertEqual(tuple(features_spec.shape), (BATCH_SIZE, *self.feature_shape))
+        self.assertEqual(features_spec.dtype, tf.uint8)
         self.assertTrue(labels_spec.dtype.is_integer, labels_spec.dtype)
-        self.assertEqual(tuple(labels_spec.shape), (BATCH_SIZE,))
         # More batches than examples: the dataset repeats.
         num_batches = NUM_EXAMPLES // BATCH_SIZE + 2
-        for features, labels in dataset.take(num_batches):
-            features, labels = features.numpy(), labels.numpy()
+        for batch in dataset.take(num_batches):
+            features, labels = (t.numpy() for t in self.trainer.preprocess(*batch))
+            self.assertEqual(features.dtype, np.float32)
             self.assertEqual(features.shape, (BATCH_SIZE, *self.feature_shape))
             self.assertGreaterEqual(features.min(), 0.0)
             self.assertLessEqual(features.max(), 1.0)
@@ -122,7 +176,8 @@ class _TfdsTaskTest(tf.test.TestCase):
         results = self.trainer.evaluate()
         model = self.trainer.model
         losses, correct = [], []
-        for features, labels in self.trainer.eval_dataset():
+        for batch in self.trainer.eval_dataset():
+            features, labels = self.trainer.preprocess(*batch)
             logits = model(features, training=False).numpy()
             labels = labels.numpy()
             losses.append(_log_softmax_cross_entropy(logits, labels))
@@ -139,11 +194,33 @@ class _TfdsTaskTest(tf.test.TestCase):
         # And the same through Keras' own loss.
         keras_losses = [
             keras.losses.sparse_categorical_crossentropy(y, model(x), from_logits=True)
-            for x, y in self.trainer.eval_dataset()
+            for x, y in (self.trainer.preprocess(*b) for b in self.trainer.eval_dataset())
         ]
         self.assertAllClose(
             results["loss"], float(tf.reduce_mean(tf.concat(keras_losses, 0))), atol=1e-5, rtol=0
         )
+
+    def test_tiny_in_memory_fraction_takes_the_tf_data_path(self):
+        """Over `in_memory_fraction` of the RAM the data comes through tf.data, logged with
+        the reason; training works the same way (`preprocess` in the step) and reports the
+        share of time it waited for batches."""
+        with op_determinism(False), self.assertLogs(logger="absl", level="INFO") as logs:
+            trainer = self.task_cls(self.options(in_memory_fraction=1e-12))
+            result = trainer.train()
+        self.assertFalse(trainer.train_loop.in_memory)
+        lines = [line for line in logs.output if "as stored" in line]
+        self.assertLen(lines, 1)
+        self.assertRegex(
+            lines[0],
+            r"over 1e-10% of [\d.]+ GiB RAM \(in_memory_fraction\): batches from a tf.data "
+            r"pipeline\.",
+        )
+        self.assertEqual(result.step, TRAIN_STEPS)
+        self.assertTrue(math.isfinite(result.train["loss"]))
+        self.assertBetween(result.input_wait_share, 0.0, 1.0)
+        features_spec, _ = trainer.train_dataset().element_spec
+        self.assertEqual(features_spec.dtype, tf.uint8)  # no per-example map
+        self.assertEqual(tuple(features_spec.shape), (BATCH_SIZE, *self.stored_shape))
 
 
 class MnistTest(_TfdsTaskTest):
@@ -151,6 +228,38 @@ class MnistTest(_TfdsTaskTest):
 
     task_cls = Mnist
     feature_shape = (784,)
+    stored_shape = (28, 28, 1)
+
+    def scaled(self, images):
+        return images.reshape(len(images), 784).astype(np.float32) / np.float32(255)
+
+    def old_map(self, image):
+        return tf.reshape(tf.cast(image, tf.float32) / 255.0, [784])
+
+    def test_resume_in_memory_is_exact(self):
+        """6 steps with a model_dir, a fresh Trainer resuming to 12 ≡ 12 steps straight:
+        the in-memory batch order is a function of the step (deterministic ops)."""
+        root = self.create_tempdir().full_path
+        opts = {"train_steps": 12, "checkpoint_every": 3, "deterministic": True}
+
+        def train(model_dir, **overrides):
+            # As in a fresh process: Keras numbers layer names per process, and a model_dir
+            # holds one model's variable paths.
+            keras.backend.clear_session()
+            trainer = Mnist(self.options(**{**opts, **overrides}, model_dir=model_dir))
+            return trainer, trainer.train()
+
+        straight, _ = train(os.path.join(root, "straight"))
+        first, _ = train(os.path.join(root, "broken"), train_steps=6)
+        with self.assertLogs(logger="absl", level="INFO") as logs:
+            resumed, result = train(os.path.join(root, "broken"))
+        self.assertTrue(any("Restored" in line and "ckpt-6" in line for line in logs.output))
+        self.assertEqual(result.step, 12)
+        self.assertTrue(first.train_loop.in_memory)
+        self.assertTrue(resumed.train_loop.in_memory)
+        for a, b in zip(resumed.model.get_weights(), straight.model.get_weights()):
+            np.testing.assert_array_equal(a, b)
+        self.assertNotAllClose(first.model.get_weights()[0], straight.model.get_weights()[0])
 
 
 class Cifar10Test(_TfdsTaskTest):
@@ -158,6 +267,13 @@ class Cifar10Test(_TfdsTaskTest):
 
     task_cls = Cifar10
     feature_shape = (32, 32, 3)
+    stored_shape = (32, 32, 3)
+
+    def scaled(self, images):
+        return images.astype(np.float32) / np.float32(255)
+
+    def old_map(self, image):
+        return tf.cast(image, tf.float32) / 255.0
 
 
 del _TfdsTaskTest  # keeps pytest from collecting the base class on its own

@@ -2,6 +2,7 @@
 
 from trainer.controller import Controller, Preempted, TrainResult
 from trainer.errors import ConfigError
+from trainer.inputs import read_to_memory
 from trainer.loop import TrainLoop
 from trainer.options import TrainerOptions, make_optimizer
 from trainer.penalties import L2, DecoupledWeightDecay, Penalty, SelectiveL2, StepContext, Strength
@@ -35,6 +36,7 @@ __all__ = [
     "make_optimizer",
     "parse_penalty_spec",
     "penalty_names",
+    "read_to_memory",
     "register_penalty",
     "register_task",
     "task_names",

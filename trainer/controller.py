@@ -16,6 +16,7 @@ from trainer import files, resume, summaries
 from trainer.checkpointing import Checkpointer
 from trainer.distribution import is_default, sum_over_workers
 from trainer.errors import ConfigError
+from trainer.inputs import InputWait
 from trainer.lock import RunLock
 from trainer.progress import Progress, format_losses
 from trainer.signals import INTERRUPTED_EXIT_STATUS, StopSignals
@@ -70,6 +71,8 @@ class TrainResult:
         last loop; empty when nothing was trained.
       eval: the held-out metrics at the end; empty without an eval dataset.
       history: the evaluations during training, `{"step": ..., **metrics}` each.
+      input_wait_share: the share of the train loops' time (after the first) spent waiting
+        for the next batch of a tf.data input; None for in-memory input (`train_arrays`).
     """
 
     step: int
@@ -78,6 +81,7 @@ class TrainResult:
     train: dict[str, float] = dataclasses.field(default_factory=dict)
     eval: dict[str, float] = dataclasses.field(default_factory=dict)
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    input_wait_share: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a dict (what `results.json` holds)."""
@@ -225,9 +229,11 @@ class Controller:
         progress = Progress(opts.train_steps)
         start = time.perf_counter()
         first_loop_steps = 0
+        input_wait = InputWait()
         while step < opts.train_steps:
             loop_start, loop_first = time.perf_counter(), step
             result.train, step = loop.run(self._next_stop(step) - step, iterator)
+            input_wait.add(loop.input_wait_s, time.perf_counter() - loop_start)
             _check_finite(result.train, step)
             rate = (step - loop_first) / (time.perf_counter() - loop_start)
             if not first_loop_steps:  # includes tracing and compiling
@@ -266,6 +272,8 @@ class Controller:
         steady = step - start_step - first_loop_steps
         result.step = step
         result.steps_per_sec = steady / elapsed if steady and elapsed > 0 else 0.0
+        if step > start_step:
+            result.input_wait_share = input_wait.finish()
         return result
 
     def _agreed_stop(self, stops: StopSignals) -> tuple[Signals, bool] | None:
@@ -311,6 +319,7 @@ def _continued(previous: dict[str, Any] | None, step: int) -> TrainResult:
         result.train = previous.get("train") or {}
         result.steps_per_sec = previous.get("steps_per_sec") or 0.0
         result.first_loop_sec = previous.get("first_loop_sec") or 0.0
+        result.input_wait_share = previous.get("input_wait_share")
     return result
 
 

@@ -1,12 +1,15 @@
-"""In-memory training data batched in-graph: a seeded reshuffle per epoch, chosen by the step."""
+"""Training input: data read to memory if it fits, batched in-graph by step; input waits."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
+from trainer.distribution import is_default
 from trainer.errors import ConfigError
 
 _ROUNDS = 4  # Feistel rounds: 4 make a pseudo-random permutation (Luby & Rackoff)
@@ -139,6 +142,131 @@ class InMemoryBatches:
             tf.data.Dataset.counter()
             .flat_map(epoch)
             .map(lambda indices: tf.nest.map_structure(lambda a: tf.gather(a, indices), arrays))
+        )
+
+
+def physical_memory() -> int:
+    """This machine's physical RAM in bytes, from `os.sysconf`; 0 where it cannot be read."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def read_to_memory(dataset: tf.data.Dataset, trainer: Any) -> Any | None:
+    """`dataset`'s examples as NumPy arrays, as stored, if they fit in memory; else None.
+
+    They fit when their size, known before reading (the element spec's bytes times the
+    cardinality), is at most `options.in_memory_fraction` of the physical RAM. Logs one INFO
+    line saying how training will get its batches, and why. Return the arrays from
+    `train_arrays` and convert them (e.g. uint8 images to floats) in `Trainer.preprocess`.
+
+    Args:
+      dataset: a finite dataset of single examples (not batches) with fully defined shapes,
+        e.g. a TFDS split.
+      trainer: the `Trainer` whose options decide, named in the log line.
+
+    Returns:
+      A nest of arrays like `dataset.element_spec`, the examples along the first dimension;
+      or None: too large or of unknown size, to be fed through a tf.data pipeline.
+    """
+    name = trainer.registered_name or type(trainer).__name__
+    specs, count = tf.nest.flatten(dataset.element_spec), int(dataset.cardinality())
+    if count < 0 or not all(_fixed_numeric(s) for s in specs):
+        logging.info(
+            "%s: training data of unknown size (cardinality %d, element spec %s): batches from "
+            "a tf.data pipeline.",
+            name,
+            count,
+            dataset.element_spec,
+        )
+        return None
+    size = count * sum(s.shape.num_elements() * s.dtype.size for s in specs)
+    fraction, ram = trainer.options.in_memory_fraction, physical_memory()
+    what = f"{name}: {count} examples, {size / 1e6:.1f} MB as stored"
+    what += f" ({', '.join(s.dtype.name for s in specs)})"
+    budget = f"{100 * fraction:g}% of {ram / 2**30:.1f} GiB RAM (in_memory_fraction)"
+    if size > fraction * ram:
+        logging.info("%s, over %s: batches from a tf.data pipeline.", what, budget)
+        return None
+    how = "batches gathered in-graph"
+    if not is_default(trainer.strategy):
+        how = f"batches from tf.data over the arrays ({type(trainer.strategy).__name__})"
+    logging.info("%s, in memory (≤ %s): %s.", what, budget, how)
+    arrays = [np.empty([count, *s.shape], s.dtype.as_numpy_dtype) for s in specs]
+    start = 0
+    for chunk in dataset.batch(4096).prefetch(1).as_numpy_iterator():
+        parts = tf.nest.flatten(chunk)
+        for array, part in zip(arrays, parts, strict=True):
+            array[start : start + len(part)] = part
+        start += len(parts[0])
+    if start != count:
+        raise ConfigError(f"{name}: the dataset held {start} examples, not {count} as it said.")
+    return tf.nest.pack_sequence_as(dataset.element_spec, arrays)
+
+
+def _fixed_numeric(spec: Any) -> bool:
+    """Whether `spec` is a tensor's of fully defined shape and a numeric (or bool) dtype."""
+    return (
+        isinstance(spec, tf.TensorSpec)
+        and spec.shape.is_fully_defined()
+        and (spec.dtype.is_integer or spec.dtype.is_floating or spec.dtype == tf.bool)
+    )
+
+
+class InputWait:
+    """The share of the train loops' time spent waiting for batches from an iterator.
+
+    Each loop over an iterator measures in-graph how long its `get_next` calls blocked
+    (`TrainLoop.input_wait_s`); `add` sums those waits and the loops' wall times, leaving out
+    the first loop (tracing, compiling) unless it is the only one. Above `WARN_ABOVE`, one
+    warning names the share and the fix: during training once `MEASURED_S` seconds of loops
+    are counted (fewer would be noise), else at `finish`.
+    """
+
+    WARN_ABOVE = 0.2
+    MEASURED_S = 10.0
+
+    def __init__(self):
+        self._first: tuple[float, float] | None = None
+        self._wait = self._wall = 0.0
+        self._warned = False
+
+    def add(self, wait_s: float | None, loop_s: float) -> None:
+        """Counts one loop: `wait_s` (None for in-memory input) of its `loop_s` seconds."""
+        if wait_s is None:
+            return
+        if self._first is None:
+            self._first = (wait_s, loop_s)
+            return
+        self._wait += wait_s
+        self._wall += loop_s
+        if self._wall >= self.MEASURED_S:
+            self._warn()
+
+    @property
+    def share(self) -> float | None:
+        """Seconds waited over loop seconds, in [0, 1]; None without iterator input."""
+        if self._first is None:
+            return None
+        wait, wall = (self._wait, self._wall) if self._wall > 0 else self._first
+        return round(min(max(wait / wall, 0.0), 1.0), 4) if wall > 0 else 0.0
+
+    def finish(self) -> float | None:
+        """The share at the end of training, warned about if not yet."""
+        self._warn()
+        return self.share
+
+    def _warn(self) -> None:
+        share = self.share
+        if self._warned or share is None or share <= self.WARN_ABOVE:
+            return
+        self._warned = True
+        logging.warning(
+            "Input-bound: the train loop waited for the next tf.data batch %.0f%% of its time. "
+            "If the data fits in memory, return it from train_arrays(); otherwise batch before "
+            "map, replace per-example work with batched ops and end the pipeline with prefetch.",
+            100 * share,
         )
 
 

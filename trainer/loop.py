@@ -7,6 +7,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 from absl import logging
+from tensorflow.python.framework import config as tf_config  # no public determinism query
 
 from trainer import summaries
 from trainer.distribution import is_default
@@ -33,7 +34,8 @@ class TrainLoop:
 
     The batches come from the task's `train_arrays`, gathered in-graph from the step number
     (no strategy; the whole loop may then be one XLA computation), or else from an iterator
-    over `train_dataset` that the caller passes to `run`. The loop stops early at a
+    over `train_dataset` that the caller passes to `run`; each goes through the trainer's
+    `preprocess` inside the step, per replica. The loop stops early at a
     non-finite loss. With a summary writer, TensorBoard rows recorded every `summary_every`
     steps are written after the (possibly XLA-compiled) loop, in the same call.
 
@@ -54,12 +56,13 @@ class TrainLoop:
         )  # fmt: skip
         self._eager = not options.use_tf_function
         self._step_fn = (
-            trainer.train_step if self._eager
-            else tf.function(trainer.train_step, jit_compile=options.jit_compile is True)
+            self._train_step if self._eager
+            else tf.function(self._train_step, jit_compile=options.jit_compile is True)
         )  # fmt: skip
         self._initial_lr = initial_learning_rate(trainer.optimizer)
         self._tags = summaries.step_tags(trainer.loss_names, trainer.selections)
         self.writer: tf.summary.SummaryWriter | None = None
+        self._input_wait_s: float | None = None
         self._writer_dir: str | None = None
         # The most steps one call records summary rows for, which sizes the row buffer: no
         # loop runs past `train_steps`, however large `steps_per_loop` is.
@@ -70,6 +73,12 @@ class TrainLoop:
     def in_memory(self) -> bool:
         """Whether batches are gathered in-graph from `train_arrays` (no iterator needed)."""
         return self.batches is not None
+
+    @property
+    def input_wait_s(self) -> float | None:
+        """Seconds the last `run` waited for its iterator's batches (see `_timed_next`); None
+        when `in_memory`, and under op determinism, which refuses TensorFlow's timestamps."""
+        return self._input_wait_s
 
     @property
     def xla(self) -> bool:
@@ -117,41 +126,49 @@ class TrainLoop:
         if self.writer is not None and num_steps > self._row_steps:  # options changed since
             self._row_steps = num_steps
             self._make(xla=self._xla)
+        if self._timed and tf_config.is_op_determinism_enabled():  # by another Trainer since
+            self._make(xla=self._xla)
         steps = tf.constant(num_steps, tf.int32)
         try:
-            means, step = self._loop_fn(iterator, steps)
+            means, step, wait = self._loop_fn(iterator, steps)
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as e:
             if not (self._xla and self.trainer.options.jit_compile is None):
                 raise
             logging.warning("XLA could not compile the train loop; running without it: %s",
                             str(e).strip().splitlines()[0][:300])  # fmt: skip
             self._make(xla=False)
-            means, step = self._loop_fn(iterator, steps)
+            means, step, wait = self._loop_fn(iterator, steps)
+        self._input_wait_s = float(wait) if self._timed else None
         names = self.trainer.loss_names
         return {name: float(v) for name, v in zip(names, means.numpy())}, int(step)
 
     def _make(self, xla: bool) -> None:
         self._xla = xla and not self._eager
+        self._timed = not self.in_memory and not tf_config.is_op_determinism_enabled()
         self._steps_fn = tf.function(self._steps, jit_compile=True) if self._xla else self._steps
         self._loop_fn = self._loop if self._eager else tf.function(self._loop)
 
-    def _loop(self, iterator: Any, num_steps: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def _train_step(self, batch: Any) -> list[tf.Tensor]:
+        return self.trainer.train_step(self.trainer.preprocess(*batch))
+
+    def _loop(self, iterator: Any, num_steps: tf.Tensor) -> tuple[tf.Tensor, ...]:
         """The steps, then the TensorBoard rows they recorded (outside XLA); returns the mean
-        loss breakdown and the step: one read-back per loop."""
-        sums, done, rows, row_steps, count = self._steps_fn(iterator, num_steps)
+        loss breakdown, the step and the seconds waited for input: one read-back per loop."""
+        sums, done, wait, rows, row_steps, count = self._steps_fn(iterator, num_steps)
         if self.writer is not None:
             with self.writer.as_default():
                 summaries.write_rows(self._tags, rows, row_steps, count)
         means = sums / tf.maximum(tf.cast(done, tf.float32), 1.0)
-        return means, self.trainer.step_counter.read_value()
+        return means, self.trainer.step_counter.read_value(), wait
 
     def _steps(self, iterator: Any, num_steps: tf.Tensor) -> tuple[tf.Tensor, ...]:
         """The while_loop: batches from `iterator`, or in-graph from the in-memory data.
 
         The loss sums and the step are carried through the loop, the step written to its
         variable once at the end (per-step variable updates cost ~2% of a small model's step
-        inside XLA). Returns `(loss sums, steps done, rows, steps, count)`: the sums of the
-        loss breakdown, and the summary rows recorded every `summary_every` steps.
+        inside XLA). Returns `(loss sums, steps done, wait, rows, steps, count)`: the sums of
+        the loss breakdown, the seconds spent in the iterator's `get_next` (see
+        `_timed_next`), and the summary rows recorded every `summary_every` steps.
         """
         trainer = self.trainer
         every = trainer.options.summary_every
@@ -159,18 +176,21 @@ class TrainLoop:
         capacity = self._row_steps // every + 1 if record else 1  # else one unused row
         counter = trainer.step_counter
         start = counter.read_value()
-        in_memory = self.in_memory
+        in_memory, timed = self.in_memory, self._timed
         cached = not self._xla  # see InMemoryBatches.indices
         # In memory, each step computes the next step's example indices and carries them
         # (the last step's go unused): computed next to their gather, XLA fused the order's
         # hash into it, per element.
         indices = self.batches.indices(start, cached) if in_memory else tf.zeros([0], tf.int32)
 
-        def body(i, finite, sums, indices, rows, row_steps, count):
+        def body(i, finite, sums, wait, indices, rows, row_steps, count):
             step = start + tf.cast(i, tf.int64)  # 0-based: the steps done before this one
             if in_memory:
                 batch = self.batches.gather(indices)
                 indices = self.batches.indices(step + 1, cached)
+            elif timed:
+                batch, waited = _timed_next(iterator, after=sums)
+                wait += waited
             else:
                 batch = next(iterator)
             per_replica = trainer.strategy.run(self._step_fn, args=(batch,))
@@ -182,17 +202,18 @@ class TrainLoop:
                     lambda: (rows, row_steps, count),
                 )
             finite = tf.reduce_all(tf.math.is_finite(losses))
-            return i + 1, finite, sums + losses, indices, rows, row_steps, count
+            return i + 1, finite, sums + losses, wait, indices, rows, row_steps, count
 
         # An explicit while_loop, not autograph's `for ... in tf.range`: under XLA on CPU the
         # latter ran 4x slower. A non-finite loss ends the loop (the controller names the term).
-        done, _, sums, _, rows, row_steps, count = tf.while_loop(
+        done, _, sums, wait, _, rows, row_steps, count = tf.while_loop(
             lambda i, finite, *_: tf.logical_and(i < num_steps, finite),
             body,
             [
                 tf.constant(0),
                 tf.constant(True),
                 tf.zeros([len(trainer.loss_names)]),
+                tf.constant(0.0, tf.float64),
                 indices,
                 tf.zeros([capacity, len(self._tags)]),
                 tf.zeros([capacity], tf.int64),
@@ -200,7 +221,7 @@ class TrainLoop:
             ],
         )
         counter.assign_add(tf.cast(done, tf.int64))
-        return sums, done, rows, row_steps, count
+        return sums, done, wait, rows, row_steps, count
 
     def _record(self, losses, step, rows, row_steps, count) -> tuple[tf.Tensor, ...]:
         """Adds this step's TensorBoard values as row `count`."""
@@ -225,3 +246,23 @@ class TrainLoop:
             strategy.reduce(sum_, data, axis=None),
             *(strategy.reduce(mean, t, axis=None) for t in terms),
         ]
+
+
+def _timed_next(iterator: Any, after: tf.Tensor) -> tuple[Any, tf.Tensor]:
+    """The iterator's next batch, and the seconds its `get_next` blocked.
+
+    Timestamps around `get_next`: the first after `after` (the previous step's losses, which
+    a step returns once its updates are done), the second before anything uses the batch
+    (else the executor may run the step's first ops ahead of it). Two timestamp ops per step,
+    no measurable cost; the time includes `get_next`'s own dispatch, so with steps far under
+    a millisecond a pipeline that keeps up still shows a share.
+    """
+    with tf.control_dependencies([after]):
+        start = tf.timestamp()
+    with tf.control_dependencies([start]):
+        batch = next(iterator)
+    with tf.control_dependencies(tf.nest.flatten(batch, expand_composites=True)):
+        end = tf.timestamp()
+    with tf.control_dependencies([end]):
+        batch = tf.nest.map_structure(tf.identity, batch, expand_composites=True)
+    return batch, end - start

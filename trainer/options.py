@@ -10,7 +10,13 @@ from typing import Any
 import keras
 
 from trainer.distribution import STRATEGIES, check_strategy
-from trainer.errors import ConfigError, check_choice, check_integer, check_positive
+from trainer.errors import (
+    ConfigError,
+    check_choice,
+    check_integer,
+    check_non_negative,
+    check_positive,
+)
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad", "nadam")
 MIXED_PRECISION = (None, "mixed_bfloat16", "mixed_float16")
@@ -39,6 +45,10 @@ class TrainerOptions:
       model_dir: directory (a local path or a tf.io.gfile URL such as gs://...) for
         checkpoints, TensorBoard summaries and results.json; None writes nothing.
       data_dir: where TFDS tasks look for prepared data; None for TFDS' default.
+      in_memory_fraction: for tasks that read their data with `read_to_memory` (mnist,
+        cifar10): the most of the physical RAM the training data may take, as stored, to be
+        held in memory and batched in-graph; above it, the data comes through a tf.data
+        pipeline. From 0 (always tf.data) to 1.
       seed: seeds Python, NumPy, TensorFlow and Keras for initialisation and shuffling.
       use_tf_function: False runs the very same step eagerly, for debugging.
       strategy: the tf.distribute strategy: default (none), mirrored (all local GPUs),
@@ -75,6 +85,7 @@ class TrainerOptions:
     eval_every: int = 0
     model_dir: str | None = None
     data_dir: str | None = None
+    in_memory_fraction: float = 0.25
     seed: int = 0
     use_tf_function: bool = True
     strategy: str = "default"
@@ -95,6 +106,10 @@ class TrainerOptions:
             check_integer(name, getattr(self, name), 0)
         check_integer("seed", self.seed, 0, 2**32 - 1)
         check_positive("learning_rate", self.learning_rate)
+        if check_non_negative("in_memory_fraction", self.in_memory_fraction) > 1:
+            raise ConfigError(
+                f"`in_memory_fraction` ({self.in_memory_fraction!r}) must be a number from 0 to 1."
+            )
         for name, choices in CHOICES.items():
             check_choice(name, getattr(self, name), choices)
         check_strategy(self.strategy, self.cpu_replicas)

@@ -24,7 +24,7 @@ class Trainer:
     """Trains a Keras model with a GradientTape step and pluggable penalties.
 
     Subclass it for a task: implement `build_model`, `train_dataset` (or `train_arrays`) and
-    `compute_loss`; optionally `eval_dataset`, `build_metrics` and `build_optimizer`.
+    `compute_loss`; optionally `preprocess`, `eval_dataset`, `build_metrics`, `build_optimizer`.
     Register it with `@register_task("name")` to run it from the CLI.
 
     One step (`train_step`): the model's outputs, per-example losses from `compute_loss`,
@@ -114,6 +114,14 @@ class Trainer:
             )
         return InMemoryBatches(arrays, self.options.batch_size, self.options.seed).dataset()
 
+    def preprocess(self, features: Any, labels: Any) -> tuple[Any, Any]:
+        """Returns a batch as the model takes it, from one as stored; by default, unchanged.
+
+        Applied in-graph to every batch trained on (`train_arrays`' or `train_dataset`'s,
+        inside the step) and evaluated on: data stays compact (uint8 images), converted by batch.
+        """
+        return features, labels
+
     def eval_dataset(self) -> tf.data.Dataset | None:
         """Returns a finite dataset of `(features, labels)` batches, or None for no evaluation."""
         return None
@@ -199,9 +207,9 @@ class Trainer:
         try:
             model = self.build_model()
             if not model.built or not model.trainable_variables:
-                spec = self.train_dataset().element_spec[0]
-                model(tf.nest.map_structure(lambda s: tf.zeros([d or 1 for d in s.shape], s.dtype),
-                                            spec))  # fmt: skip
+                spec = self.train_dataset().element_spec
+                zeros = lambda s: tf.zeros([d or 1 for d in s.shape], s.dtype)  # noqa: E731
+                model(self.preprocess(*tf.nest.map_structure(zeros, spec))[0])
         finally:
             keras.mixed_precision.set_global_policy(previous)
         return model
@@ -297,7 +305,7 @@ class Trainer:
     # ---- evaluation and training -------------------------------------------------------
 
     def _evaluate_batch(self, batch: Any) -> tf.Tensor:
-        features, labels = batch
+        features, labels = self.preprocess(*batch)
         outputs = _float32(self.model(features, training=False))
         for metric in self.metrics.values():
             metric.update_state(labels, outputs)
@@ -305,7 +313,8 @@ class Trainer:
         return tf.stack([tf.reduce_sum(per_example), tf.cast(tf.size(per_example), tf.float32)])
 
     def evaluate(self, dataset: tf.data.Dataset | None = None) -> dict[str, float]:
-        """Data loss (mean per example) and metrics over `dataset` (default `eval_dataset()`)."""
+        """Data loss (mean per example) and metrics over `dataset` (default `eval_dataset()`),
+        whose batches go through `preprocess`."""
         self.model  # noqa: B018
         dataset = dataset if dataset is not None else self.eval_dataset()
         if dataset is None:
