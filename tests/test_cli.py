@@ -98,6 +98,16 @@ USAGE_ERRORS = [
     ("relative_import", ["--import=.foo"], ["'.foo'", "not a module name"]),
     ("steps_overflow_int32", ["--train_steps=3000000000"], ["`train_steps` (3000000000)"]),
     ("negative_seed", ["--seed=-1"], ["`seed` (-1)"]),
+    (
+        "accumulate_steps_not_dividing_batch",
+        ["--accumulate_steps=3", "--batch_size=64"],
+        ["`accumulate_steps` (3)", "`batch_size` (64)"],
+    ),
+    ("zero_accumulate_steps", ["--accumulate_steps=0"], ["`accumulate_steps` (0)"]),
+    ("ema_decay_above_one", ["--ema_decay=1.5"], ["`ema_decay` (1.5)", "below 1"]),
+    ("warmup_above_train_steps", ["--warmup_steps=5"], ["`warmup_steps` (5)", "from 0 to 1"]),
+    ("unknown_lr_schedule", ["--lr_schedule=bogus"], ["--lr_schedule", "bogus", "cosine"]),
+    ("negative_clip_global_norm", ["--clip_global_norm=-1"], ["`clip_global_norm` (-1"]),
     ("unhashable_literal", ["--penalty=l2({[]: 1})"], ["'l2({[]: 1})'", "not a literal"]),
     ("bad_penalty_name", ["--penalty=l2(name=1)"], ["`name` (1)"]),
     (
@@ -149,6 +159,24 @@ class RunTest(CliTestCase):
         self.assertIn("synthetic: 2000 steps", result.stdout, context)
         self.assertRegex(result.stdout, r"train \(last loop\): loss=\S+ data_loss=\S+", context)
         self.assertRegex(result.stdout, r"(?m)^\s*eval: loss=\d", context)
+
+    def test_every_technique_at_once(self):
+        """Schedule + warmup, clipping, accumulation, EMA, L2 and decoupled decay: exit 0,
+        the techniques in the start-up table, an export and results.json."""
+        model_dir = self.create_tempdir("model").full_path
+        export_dir = os.path.join(self.create_tempdir("export").full_path, "saved")
+        result = run_cli(
+            "--lr_schedule=cosine", "--warmup_steps=50", "--train_steps=400",
+            "--learning_rate=1e-2", "--clip_global_norm=1.0", "--accumulate_steps=2",
+            "--ema_decay=0.99", "--penalty=selective_l2(1e-3, exclude='bias')",
+            "--penalty=decoupled_weight_decay(1e-2)", f"--model_dir={model_dir}",
+            f"--export_dir={export_dir}",
+        )  # fmt: skip
+        context = f"\nstdout:\n{result.stdout}\nstderr:\n{result.stderr[-4000:]}"
+        self.assertEqual(result.returncode, 0, context)
+        self.assertIn("techniques: lr_schedule=cosine", result.stderr + result.stdout, context)
+        self.assertTrue(os.path.exists(os.path.join(export_dir, "saved_model.pb")), context)
+        self.assertTrue(os.path.exists(os.path.join(model_dir, "results.json")), context)
 
     def test_plugin_task_and_penalty(self):
         """A user's --import'ed task and penalty train; results.json holds the breakdown."""

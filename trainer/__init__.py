@@ -15,6 +15,7 @@ from trainer.registry import (
     register_task,
     task_names,
 )
+from trainer.techniques import WarmupSchedule, learning_rate_for
 from trainer.trainer import Trainer
 
 __all__ = [
@@ -31,8 +32,10 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "TrainerOptions",
+    "WarmupSchedule",
     "get_penalty",
     "get_task",
+    "learning_rate_for",
     "make_optimizer",
     "parse_penalty_spec",
     "penalty_names",

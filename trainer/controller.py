@@ -186,8 +186,12 @@ class Controller:
             if checkpointer:
                 checkpointer.close()
         if opts.export_dir and trainer.is_chief:
-            _writing(f"the model to `export_dir` ({opts.export_dir!r})",
-                     lambda: trainer.model.export(opts.export_dir, verbose=False))  # fmt: skip
+
+            def export() -> None:
+                with trainer.techniques.averaged():  # the EMA of the weights, with ema_decay
+                    trainer.model.export(opts.export_dir, verbose=False)
+
+            _writing(f"the model to `export_dir` ({opts.export_dir!r})", export)
         if model_dir and trainer.is_chief:
             path = files.join(model_dir, "results.json")
             _writing(path, lambda: files.write_json(path, result.to_dict()))

@@ -61,6 +61,7 @@ class TrainLoop:
         )  # fmt: skip
         self._initial_lr = initial_learning_rate(trainer.optimizer)
         self._tags = summaries.step_tags(trainer.loss_names, trainer.selections)
+        self._tags += trainer.techniques.summary_tags()  # grad_norm when clipping
         self.writer: tf.summary.SummaryWriter | None = None
         self._input_wait_s: float | None = None
         self._writer_dir: str | None = None
@@ -231,6 +232,8 @@ class TrainLoop:
             self._initial_lr,
             self.trainer.selections,
         )
+        extra = self.trainer.techniques.summary_values()
+        values = tf.concat([values, tf.stack(extra)], axis=0) if extra else values
         rows = tf.tensor_scatter_nd_update(rows, [[count]], values[tf.newaxis])
         row_steps = tf.tensor_scatter_nd_update(row_steps, [[count]], [step])
         return rows, row_steps, count + 1

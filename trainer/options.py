@@ -13,6 +13,7 @@ from trainer.distribution import STRATEGIES, check_strategy
 from trainer.errors import (
     ConfigError,
     check_choice,
+    check_float32,
     check_integer,
     check_non_negative,
     check_positive,
@@ -21,7 +22,9 @@ from trainer.errors import (
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad", "nadam")
 MIXED_PRECISION = (None, "mixed_bfloat16", "mixed_float16")
 # Options whose values come from a fixed list: the CLI makes them enum flags.
-CHOICES = {"optimizer": OPTIMIZERS, "strategy": STRATEGIES, "mixed_precision": MIXED_PRECISION}
+SCHEDULES = ("constant", "cosine", "linear")
+CHOICES = {"optimizer": OPTIMIZERS, "strategy": STRATEGIES, "mixed_precision": MIXED_PRECISION,
+           "lr_schedule": SCHEDULES}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +78,24 @@ class TrainerOptions:
       peer_timeout: with strategy multi_worker, seconds to wait for the other tasks in
         TF_CONFIG to start; then exit with one line naming the missing ones (status 75). 0
         waits forever.
+      lr_schedule: the learning rate over train_steps, applied by the default
+        build_optimizer: constant, cosine (Keras CosineDecay / optax
+        warmup_cosine_decay_schedule) or linear decay to end_learning_rate, after
+        warmup_steps of linear warmup from 0 to learning_rate.
+      warmup_steps: optimizer steps of linear warmup from 0 to learning_rate, from 0 to
+        train_steps.
+      end_learning_rate: the rate cosine or linear decays to at train_steps, from 0 to
+        learning_rate.
+      clip_global_norm: clip the global norm of the whole gradient (data loss, loss
+        penalties, Keras regularizers; over all replicas) to this before the update; 0 (the
+        default) does not clip. Decoupled decay is not clipped.
+      accumulate_steps: split each batch into this many micro-batches of batch_size /
+        accumulate_steps, sum their gradients and make one optimizer step; must divide
+        batch_size. Penalties, decoupled decay and the EMA count once per optimizer step.
+      ema_decay: keep an exponential moving average of the weights, ema = d*ema + (1-d)*w
+        per optimizer step (Keras' use_ema formula), used for evaluation, export and
+        results while training continues on the raw weights; from 0 (off, the default) to
+        below 1.
     """
 
     optimizer: str = "adam"
@@ -98,6 +119,12 @@ class TrainerOptions:
     deterministic: bool = False
     summary_every: int = 100
     peer_timeout: int = 120
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    end_learning_rate: float = 0.0
+    clip_global_norm: float = 0.0
+    accumulate_steps: int = 1
+    ema_decay: float = 0.0
 
     def __post_init__(self):
         for name in ("batch_size", "train_steps", "steps_per_loop"):
@@ -118,6 +145,26 @@ class TrainerOptions:
                 raise ConfigError(f"`{name}` ({getattr(self, name)!r}) must be True or False.")
         if self.jit_compile not in (None, True, False):
             raise ConfigError(f"`jit_compile` ({self.jit_compile!r}) must be None, True or False.")
+        self._check_techniques()
+
+    def _check_techniques(self) -> None:
+        check_integer("warmup_steps", self.warmup_steps, 0, self.train_steps)
+        end = check_non_negative("end_learning_rate", self.end_learning_rate)
+        check_float32("end_learning_rate", end)
+        if end > self.learning_rate:
+            raise ConfigError(f"`end_learning_rate` ({end!r}) must be at most `learning_rate` "
+                              f"({self.learning_rate!r}).")  # fmt: skip
+        if end and self.lr_schedule == "constant":
+            raise ConfigError(f"`end_learning_rate` ({end!r}) needs lr_schedule cosine or linear.")
+        check_float32("clip_global_norm",
+                      check_non_negative("clip_global_norm", self.clip_global_norm))  # fmt: skip
+        k = check_integer("accumulate_steps", self.accumulate_steps, 1, self.batch_size)
+        if self.batch_size % k:
+            raise ConfigError(f"`accumulate_steps` ({k}) must divide `batch_size` "
+                              f"({self.batch_size}) into equal micro-batches.")  # fmt: skip
+        ema = check_non_negative("ema_decay", self.ema_decay)
+        if ema >= 1:
+            raise ConfigError(f"`ema_decay` ({self.ema_decay!r}) must be from 0 (off) to below 1.")
 
 
 def options_with(

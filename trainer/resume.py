@@ -12,7 +12,8 @@ from trainer.errors import ConfigError
 # Options recorded with a run; a new value on resume is in force, and logged.
 _RECORDED_OPTIONS = (
     "batch_size", "seed", "steps_per_loop", "eval_every", "checkpoint_every", "summary_every",
-    "train_steps",
+    "train_steps", "lr_schedule", "warmup_steps", "end_learning_rate", "clip_global_norm",
+    "accumulate_steps", "ema_decay",
 )  # fmt: skip
 
 

@@ -9,6 +9,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from trainer.building import build_model_with_policy, build_optimizer_with_loss_scale
 from trainer.controller import Controller, TrainResult
 from trainer.distribution import check_jit_compile, is_chief, is_default, make_strategy
 from trainer.errors import ConfigError
@@ -17,6 +18,7 @@ from trainer.loop import TrainLoop
 from trainer.options import TrainerOptions, make_optimizer, options_with
 from trainer.penalties import Penalty, check_loss_term
 from trainer.report import coverage, coverage_table
+from trainer.techniques import Techniques, check_optimizer, learning_rate_for
 from trainer.updates import DecoupledUpdates
 
 
@@ -90,8 +92,11 @@ class Trainer:
         raise NotImplementedError(f"{type(self).__name__} must implement build_model().")
 
     def build_optimizer(self) -> keras.optimizers.Optimizer:
-        """Returns the optimizer; by default `options.optimizer` at `options.learning_rate`."""
-        return make_optimizer(self.options.optimizer, self.options.learning_rate)
+        """Returns the optimizer; by default `options.optimizer` at `options.learning_rate`,
+        following `options.lr_schedule` and `warmup_steps`. An override that should follow
+        them passes `trainer.learning_rate_for(self.options)` as its learning rate; one that
+        does not, with a schedule asked for, is refused when the Trainer is built."""
+        return make_optimizer(self.options.optimizer, learning_rate_for(self.options))
 
     def train_arrays(self) -> Any | None:
         """Returns the training data as in-memory arrays, e.g. `(x, y)`, or None (the default).
@@ -162,13 +167,15 @@ class Trainer:
             tf.config.experimental.enable_op_determinism()
         keras.utils.set_random_seed(self.options.seed)
         with self.strategy.scope():
-            model = self._build_model_with_policy()
+            model = build_model_with_policy(self)
             trainable = list(model.trainable_variables)
             self.selections = [(p, p.select(trainable)) for p in self.penalties]
             for penalty, variables in self.selections:
                 penalty.build(variables)
-            self.optimizer = self._build_optimizer_with_loss_scale()
+            self.optimizer = build_optimizer_with_loss_scale(self)
+            check_optimizer(self.optimizer, self.options, type(self).__name__)
             self.optimizer.build(trainable)  # before the first step: needed under strategies
+            self.techniques = Techniques(self.options, self.optimizer, trainable)
         self.trainable_variables = trainable
         self.coverage = coverage(self.selections, self.optimizer, trainable)  # checks decays
         self._loss_penalties = [(p, v) for p, v in self.selections if p.has_loss]
@@ -199,29 +206,6 @@ class Trainer:
             self.penalty_table(),
         )
 
-    def _build_model_with_policy(self) -> keras.Model:
-        policy = self.options.mixed_precision
-        previous = keras.mixed_precision.global_policy()
-        if policy:
-            keras.mixed_precision.set_global_policy(policy)
-        try:
-            model = self.build_model()
-            if not model.built or not model.trainable_variables:
-                spec = self.train_dataset().element_spec
-                zeros = lambda s: tf.zeros([d or 1 for d in s.shape], s.dtype)  # noqa: E731
-                model(self.preprocess(*tf.nest.map_structure(zeros, spec))[0])
-        finally:
-            keras.mixed_precision.set_global_policy(previous)
-        return model
-
-    def _build_optimizer_with_loss_scale(self) -> keras.optimizers.Optimizer:
-        optimizer = self.build_optimizer()
-        if self.options.mixed_precision == "mixed_float16" and not isinstance(
-            optimizer, keras.optimizers.LossScaleOptimizer
-        ):
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        return optimizer
-
     @property
     def train_loop(self) -> TrainLoop:
         """The compiled multi-step loop (`loop.TrainLoop`), made on first access."""
@@ -233,7 +217,7 @@ class Trainer:
     def penalty_table(self) -> str:
         """What covers each trainable variable: penalties, the optimizer's decay, or nothing."""
         self.model  # noqa: B018 -- resolves the selections
-        return coverage_table(self.trainable_variables, self.coverage)
+        return coverage_table(self.trainable_variables, self.coverage) + self.techniques.describe()
 
     # ---- state -------------------------------------------------------------------------
 
@@ -255,10 +239,12 @@ class Trainer:
         return {
             "optimizer_variables": [v for v in variables if not v.path.endswith("/learning_rate")],
             "step": self.step_counter,
+            **self.techniques.checkpoint_objects(),  # the EMA, keyed by weight path
         }
 
     def _state_variables(self) -> list[Any]:
-        return [*self.model.variables, *self.optimizer.variables, self.step_counter]
+        return [*self.model.variables, *self.optimizer.variables, self.step_counter,
+                *self.techniques.state_variables]  # fmt: skip
 
     def get_state(self) -> list[Any]:
         """The values of every model and optimizer variable and the step (for `set_state`)."""
@@ -292,14 +278,18 @@ class Trainer:
         return [total, data_loss, *terms]
 
     def train_step(self, batch: Any) -> list[tf.Tensor]:
-        """One optimizer step on this replica's share of `batch`; returns the loss breakdown."""
-        features, labels = batch
-        with tf.GradientTape() as tape:
-            losses = self.compute_losses(features, labels)
-            loss = self.optimizer.scale_loss(losses[0]) if self._loss_scaled else losses[0]
-        gradients = tape.gradient(loss, self.trainable_variables)
-        self._updates(gradients)
-        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+        """One optimizer step on this replica's share of `batch`; returns the loss breakdown.
+
+        Gradients (over `accumulate_steps` micro-batches) → clip → decoupled updates → the
+        optimizer's update → EMA: see `techniques.Techniques`."""
+        if self.options.accumulate_steps > 1:
+            gradients, losses = self.techniques.accumulate(self, batch)
+        else:
+            with tf.GradientTape() as tape:
+                losses = self.compute_losses(*batch)
+                loss = self.optimizer.scale_loss(losses[0]) if self._loss_scaled else losses[0]
+            gradients = tape.gradient(loss, self.trainable_variables)
+        self.techniques.apply(gradients, self._updates)
         return losses
 
     # ---- evaluation and training -------------------------------------------------------
@@ -314,7 +304,7 @@ class Trainer:
 
     def evaluate(self, dataset: tf.data.Dataset | None = None) -> dict[str, float]:
         """Data loss (mean per example) and metrics over `dataset` (default `eval_dataset()`),
-        whose batches go through `preprocess`."""
+        whose batches go through `preprocess`, with the EMA weights under `ema_decay`."""
         self.model  # noqa: B018
         dataset = dataset if dataset is not None else self.eval_dataset()
         if dataset is None:
@@ -322,8 +312,9 @@ class Trainer:
         for metric in self.metrics.values():
             metric.reset_state()
         total = tf.zeros([2])
-        for batch in dataset:
-            total += self._eval_step(batch)
+        with self.techniques.averaged():  # the EMA of the weights, with ema_decay
+            for batch in dataset:
+                total += self._eval_step(batch)
         loss_sum, count = total.numpy()
         results = {"loss": float(loss_sum / max(count, 1.0))}
         results.update({k: float(m.result()) for k, m in self.metrics.items()})

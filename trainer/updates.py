@@ -16,7 +16,8 @@ def initial_learning_rate(optimizer: keras.optimizers.Optimizer) -> tf.Tensor:
     optimizer = getattr(optimizer, "inner_optimizer", optimizer)
     lr = optimizer._learning_rate  # the schedule or the variable, before evaluation
     if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
-        lr = lr(0)
+        # A warmup starts at 0: its peak, the options' learning_rate, is the base.
+        lr = getattr(lr, "peak_learning_rate", None) or lr(0)
     return tf.cast(tf.convert_to_tensor(lr), tf.float32)
 
 
