@@ -65,6 +65,10 @@ COMPARISONS: tuple[Comparison, ...] = (
         for name in ("pen_l2", "pen_selective_l2", "pen_decoupled_wd", "pen_l2+decoupled_wd")
     ),
     *(
+        Comparison(f"technique {name[5:]} vs off (tapeloop_arrays)", name, "tapeloop_arrays", SEED)
+        for name in ("tech_cosine_warmup", "tech_clip", "tech_accumulate_2", "tech_ema")
+    ),
+    *(
         Comparison(f"diagnostic {name} vs hand_loop_100", name, "hand_loop_100", SEED, True)
         for name in DIAGNOSTICS
     ),
@@ -120,6 +124,7 @@ def paired_overhead(a: Result, b: Result) -> tuple[float, float, float, float, f
 
 GROUP_TITLES = {
     "penalty": "-- penalties: tapeloop_arrays (defaults, in-memory; none = that row)",
+    "technique": "-- techniques: tapeloop_arrays with one option on (off = that row)",
     "diagnostic": "-- diagnostics: hand_loop_100 plus tapeloop's extra work, piece by piece; "
     "tapeloop's in-graph loop alone",
 }

@@ -270,11 +270,13 @@ class Tapeloop(Variant):
 
     def build(self) -> None:
         options = TrainerOptions(
-            batch_size=self.workload.batch_size,
-            train_steps=1,
-            learning_rate=LEARNING_RATE,
-            optimizer="adam",
-            **self.extra_options,
+            **{
+                "batch_size": self.workload.batch_size,
+                "train_steps": 1,
+                "learning_rate": LEARNING_RATE,
+                "optimizer": "adam",
+                **self.extra_options,
+            }
         )
         self.steps_per_call = min(options.steps_per_loop, self.workload.steps)
         self.trainer = self.task(self.workload, options, penalties=self.penalty_factory())
@@ -353,6 +355,13 @@ PENALTIES = (
     ("pen_decoupled_wd", lambda: [DecoupledWeightDecay(1e-2)]),
     ("pen_l2+decoupled_wd", lambda: [L2(1e-4), DecoupledWeightDecay(1e-2)]),
 )
+# The technique variants (seed MLP): tapeloop_arrays with each option on (batch 128).
+TECHNIQUES = (
+    ("tech_cosine_warmup", {"lr_schedule": "cosine", "warmup_steps": 100, "train_steps": 10**6}),
+    ("tech_clip", {"clip_global_norm": 1.0}),
+    ("tech_accumulate_2", {"accumulate_steps": 2}),
+    ("tech_ema", {"ema_decay": 0.99}),
+)
 # The diagnostic hand loops: hand_loop_100 plus tapeloop's extra work, each row adding its
 # `HandLoop` extra to the previous row's.
 HAND_DIAGNOSTICS = (
@@ -391,6 +400,11 @@ def variants_for(w: Workload, diagnostics: bool) -> list[Variant]:
         variants += [
             Tapeloop(name, w, penalties=make, group="penalty", task=ArraysBenchTask)
             for name, make in PENALTIES
+        ]
+    if w.penalties:  # the seed MLP: also each technique's cost
+        variants += [
+            Tapeloop(name, w, options=options, group="technique", task=ArraysBenchTask)
+            for name, options in TECHNIQUES
         ]
     if diagnostics and w.diagnostics and w.name != "cnn":
         variants += [
