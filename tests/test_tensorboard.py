@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
-from array_task import ArrayTask, regression_data
+from array_task import ArrayTask, mse, regression_data
 from tensorboard.backend.event_processing import event_accumulator
 
 from trainer import L2, ConfigError, DecoupledWeightDecay, SelectiveL2, TrainerOptions
@@ -190,6 +190,28 @@ class ExamplePluginsCliTest(tf.test.TestCase):
         )  # fmt: skip
         self.assertEqual(done.returncode, 0, done.stderr[-2000:])
         self.assertRegex(done.stdout, r"penalty/l1=[0-9.e-]+ penalty/l2sp=[0-9.e-]+")
+
+
+class GradNormSummaryTest(tf.test.TestCase):
+    def test_grad_norm_is_the_global_norm_before_clipping(self):
+        """With `clip_global_norm`, `grad_norm` at step 1 is ‖∇(data loss + L2)‖ of the first
+        batch at the initial weights (recomputed here), not the clipped norm."""
+        model_dir = self.create_tempdir().full_path
+        x, y = regression_data(n=64)
+        task = ArrayTask(x, y, TrainerOptions(batch_size=16, train_steps=2, summary_every=1,
+                                              clip_global_norm=0.1, model_dir=model_dir),
+                         penalties=[L2(1e-2)])  # fmt: skip
+        variables = task.model.trainable_variables
+        features, labels = x[:16], y[:16]
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(mse(labels, task.model(features, training=True)))
+            loss += 1e-2 * tf.add_n([tf.reduce_sum(tf.square(v)) for v in variables])
+        gradients = tape.gradient(loss, variables)
+        expected = float(tf.linalg.global_norm(gradients))
+        task.train()
+        norms = dict(read_events(model_dir)[0]["grad_norm"])
+        self.assertGreater(expected, 0.1)  # so clipping acts, and a clipped norm would show
+        self.assertAllClose(norms[1], expected, rtol=1e-5)
 
 
 if __name__ == "__main__":
