@@ -77,6 +77,7 @@ class TrainResult:
       stopped_early: whether `early_stop_patience` ended the run before `train_steps`.
       best: the best evaluation by the task's held-out metric, `{"step": ..., **metrics}`;
         None before any evaluation.
+      rollbacks: the rollbacks `on_nonfinite=rollback` made in this run.
     """
 
     step: int
@@ -88,6 +89,7 @@ class TrainResult:
     input_wait_share: float | None = None
     stopped_early: bool = False
     best: dict[str, float] | None = None
+    rollbacks: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a dict (what `results.json` holds)."""
@@ -268,7 +270,7 @@ class Controller:
             except FloatingPointError as e:
                 if not self.rollback(e):
                     raise
-                step = trainer.step
+                step, result.rollbacks = trainer.step, self.rollback.count
                 continue
             rate = (step - loop_first) / (time.perf_counter() - loop_start)
             if not first_loop_steps:  # includes tracing and compiling
@@ -281,10 +283,13 @@ class Controller:
             self._write_scalars(step, {"steps_per_sec": rate})
             done = step >= opts.train_steps
             stop = None if done else self._agreed_stop(stops)
-            path = None
+            if not stop and (done or (opts.eval_every and step % opts.eval_every == 0)):
+                self._evaluate(step, result, progress, done)  # before the save: the watch's
+            path = None  # state in the checkpoint of this step counts this evaluation
             if checkpointer and (
-                done or stop or (opts.checkpoint_every and step % opts.checkpoint_every == 0)
-            ):
+                done or stop or result.stopped_early
+                or (opts.checkpoint_every and step % opts.checkpoint_every == 0)
+            ):  # fmt: skip
                 path = _writing(f"checkpoint {step} to {checkpointer.directory!r}",
                                 lambda step=step: checkpointer.save(step))  # fmt: skip
             if stop:
@@ -294,17 +299,13 @@ class Controller:
                     path = path if checkpointer.chief else checkpointer.directory
                 signal, elsewhere = stop
                 raise Preempted(step, path, signal, elsewhere=elsewhere)
-            if done or (opts.eval_every and step % opts.eval_every == 0):
-                result.eval = trainer.evaluate()
-                if result.eval:
-                    result.history.append({"step": step, **result.eval})
-                    progress.message(f"eval at step {step}  {format_losses(result.eval)}")
-                    self._write_scalars(step, {f"eval/{k}": v for k, v in result.eval.items()})
-                    trainer.on_evaluate(step, dict(result.eval))
-                    result.stopped_early = self.watch.update(step, result.eval) and not done
-                    result.best = self.watch.best
-                if result.stopped_early:
-                    self._stop_early(step, progress, checkpointer, path)
+            if result.stopped_early:
+                best, watch = result.best or {}, self.watch
+                progress.message(
+                    f"Stopping early at step {step}: {watch.patience} evaluations without an "
+                    f"improvement of eval {watch.name}; the best, {best.get(watch.name)}, at "
+                    f"step {best.get('step')}."
+                )
         progress.close()
         if not result.eval and step >= opts.train_steps:
             result.eval = trainer.evaluate()
@@ -317,17 +318,17 @@ class Controller:
             result.input_wait_share = input_wait.finish()
         return result
 
-    def _stop_early(self, step: int, progress: Progress, checkpointer: Checkpointer | None,
-                    path: str | None) -> None:  # fmt: skip
-        """Saves the step reached (unless just saved) and says why the run stops."""
-        if checkpointer and path is None:
-            _writing(f"checkpoint {step} to {checkpointer.directory!r}",
-                     lambda: checkpointer.save(step))  # fmt: skip
-        best, watch = self.watch.best or {}, self.watch
-        progress.message(
-            f"Stopping early at step {step}: {watch.patience} evaluations without an improvement "
-            f"of eval {watch.name}; the best, {best.get(watch.name)}, at step {best.get('step')}."
-        )
+    def _evaluate(self, step: int, result: TrainResult, progress: Progress, done: bool) -> None:
+        """Evaluates at `step` into `result`: history, summaries, the hook, early stopping."""
+        trainer = self.trainer
+        result.eval = trainer.evaluate()
+        if result.eval:
+            result.history.append({"step": step, **result.eval})
+            progress.message(f"eval at step {step}  {format_losses(result.eval)}")
+            self._write_scalars(step, {f"eval/{k}": v for k, v in result.eval.items()})
+            trainer.on_evaluate(step, dict(result.eval))
+            result.stopped_early = self.watch.update(step, result.eval) and not done
+            result.best = self.watch.best
 
     def _agreed_stop(self, stops: StopSignals) -> tuple[Signals, bool] | None:
         """The stop every worker takes at this boundary: SIGTERM if one received it, else

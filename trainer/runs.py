@@ -149,7 +149,9 @@ class Rollback:
         self.count += 1
         rate = learning_rate_variable(self.trainer.optimizer)
         before = float(rate.numpy()) if rate is not None else None
-        path = self.checkpointer.latest if self.checkpointer else None
+        path = (
+            tf.train.latest_checkpoint(self.checkpointer.directory) if self.checkpointer else None
+        )
         if path:
             self.checkpointer.restore(path)
         else:
