@@ -19,6 +19,7 @@ from trainer.errors import ConfigError
 from trainer.inputs import InputWait
 from trainer.lock import RunLock
 from trainer.progress import Progress, format_losses
+from trainer.runs import Profile, Rollback, Watch
 from trainer.signals import INTERRUPTED_EXIT_STATUS, StopSignals
 
 
@@ -73,6 +74,10 @@ class TrainResult:
       history: the evaluations during training, `{"step": ..., **metrics}` each.
       input_wait_share: the share of the train loops' time (after the first) spent waiting
         for the next batch of a tf.data input; None for in-memory input (`train_arrays`).
+      stopped_early: whether `early_stop_patience` ended the run before `train_steps`.
+      best: the best evaluation by the task's held-out metric, `{"step": ..., **metrics}`;
+        None before any evaluation.
+      rollbacks: the rollbacks `on_nonfinite=rollback` made in this run.
     """
 
     step: int
@@ -82,6 +87,9 @@ class TrainResult:
     eval: dict[str, float] = dataclasses.field(default_factory=dict)
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
     input_wait_share: float | None = None
+    stopped_early: bool = False
+    best: dict[str, float] | None = None
+    rollbacks: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a dict (what `results.json` holds)."""
@@ -157,6 +165,10 @@ class Controller:
         trainer, opts = self.trainer, self.options
         loop = trainer.train_loop
         checkpointer = make_checkpointer(trainer, model_dir) if model_dir else None
+        self.watch = Watch(trainer, model_dir)
+        self.profile = Profile(opts.profile_steps, model_dir, opts.train_steps)
+        if checkpointer:
+            checkpointer.track("runs", self.watch.variables, restore=False)  # restored below
         iterator = None
         if not loop.in_memory and is_default(trainer.strategy):
             iterator = iter(trainer.train_dataset())
@@ -171,6 +183,9 @@ class Controller:
                     logging.info("Resuming with a change: %s", line)
             if checkpointer.restore(opts.resume_from):
                 previous = _previous_results(model_dir)
+                history = (previous or {}).get("history") or []
+                self.watch.restore(opts.resume_from or checkpointer.latest, history)
+        self.rollback = Rollback(trainer, checkpointer)
         if not loop.in_memory and iterator is None:  # a distributed iterator cannot be saved
             iterator = iter(trainer.distribute(trainer.train_dataset().skip(trainer.step)))
         if trainer.step >= opts.train_steps:
@@ -181,6 +196,7 @@ class Controller:
             with StopSignals() as stops:
                 result = self._loops(iterator, checkpointer, stops, lock, previous)
         finally:
+            self.profile.close()
             if loop.writer is not None:
                 loop.writer.flush()
             if checkpointer:
@@ -191,10 +207,13 @@ class Controller:
                 with trainer.techniques.averaged():  # the EMA of the weights, with ema_decay
                     trainer.model.export(opts.export_dir, verbose=False)
 
-            _writing(f"the model to `export_dir` ({opts.export_dir!r})", export)
+            if not _writing(f"the best model to `export_dir` ({opts.export_dir!r})",
+                            lambda: self.watch.export_best(opts.export_dir)):  # fmt: skip
+                _writing(f"the model to `export_dir` ({opts.export_dir!r})", export)
         if model_dir and trainer.is_chief:
             path = files.join(model_dir, "results.json")
             _writing(path, lambda: files.write_json(path, result.to_dict()))
+        trainer.on_train_end(result)
         return result
 
     def _same_input(self, checkpointer: Checkpointer) -> bool:
@@ -216,7 +235,7 @@ class Controller:
         for every in (opts.eval_every, opts.checkpoint_every if opts.model_dir else 0):
             if every:
                 stop = min(stop, (step // every + 1) * every)
-        return stop
+        return min([stop] + [cut for cut in self.profile.cuts if cut > step])
 
     def _loops(
         self,
@@ -234,25 +253,43 @@ class Controller:
         start = time.perf_counter()
         first_loop_steps = 0
         input_wait = InputWait()
-        while step < opts.train_steps:
+        result.best = self.watch.best
+        if self.watch.exhausted and step < opts.train_steps:
+            logging.info(
+                "Stopped early before: %d evaluations without improvement.", self.watch.patience
+            )
+            result.stopped_early = True
+        while step < opts.train_steps and not result.stopped_early:
             loop_start, loop_first = time.perf_counter(), step
+            self.profile.before(step)
             result.train, step = loop.run(self._next_stop(step) - step, iterator)
+            self.profile.after(step)
             input_wait.add(loop.input_wait_s, time.perf_counter() - loop_start)
-            _check_finite(result.train, step)
+            try:
+                _check_finite(result.train, step)
+            except FloatingPointError as e:
+                if not self.rollback(e):
+                    raise
+                step, result.rollbacks = trainer.step, self.rollback.count
+                continue
             rate = (step - loop_first) / (time.perf_counter() - loop_start)
             if not first_loop_steps:  # includes tracing and compiling
                 result.first_loop_sec = time.perf_counter() - start
                 first_loop_steps = step - loop_first
             progress.update(step, rate, result.train)
+            trainer.on_loop_end(step, dict(result.train))
             if lock:
                 _writing(lock.path, lock.refresh)
             self._write_scalars(step, {"steps_per_sec": rate})
             done = step >= opts.train_steps
             stop = None if done else self._agreed_stop(stops)
-            path = None
+            if not stop and (done or (opts.eval_every and step % opts.eval_every == 0)):
+                self._evaluate(step, result, progress, done)  # before the save: the watch's
+            path = None  # state in the checkpoint of this step counts this evaluation
             if checkpointer and (
-                done or stop or (opts.checkpoint_every and step % opts.checkpoint_every == 0)
-            ):
+                done or stop or result.stopped_early
+                or (opts.checkpoint_every and step % opts.checkpoint_every == 0)
+            ):  # fmt: skip
                 path = _writing(f"checkpoint {step} to {checkpointer.directory!r}",
                                 lambda step=step: checkpointer.save(step))  # fmt: skip
             if stop:
@@ -262,12 +299,13 @@ class Controller:
                     path = path if checkpointer.chief else checkpointer.directory
                 signal, elsewhere = stop
                 raise Preempted(step, path, signal, elsewhere=elsewhere)
-            if done or (opts.eval_every and step % opts.eval_every == 0):
-                result.eval = trainer.evaluate()
-                if result.eval:
-                    result.history.append({"step": step, **result.eval})
-                    progress.message(f"eval at step {step}  {format_losses(result.eval)}")
-                    self._write_scalars(step, {f"eval/{k}": v for k, v in result.eval.items()})
+            if result.stopped_early:
+                best, watch = result.best or {}, self.watch
+                progress.message(
+                    f"Stopping early at step {step}: {watch.patience} evaluations without an "
+                    f"improvement of eval {watch.name}; the best, {best.get(watch.name)}, at "
+                    f"step {best.get('step')}."
+                )
         progress.close()
         if not result.eval and step >= opts.train_steps:
             result.eval = trainer.evaluate()
@@ -279,6 +317,18 @@ class Controller:
         if step > start_step:
             result.input_wait_share = input_wait.finish()
         return result
+
+    def _evaluate(self, step: int, result: TrainResult, progress: Progress, done: bool) -> None:
+        """Evaluates at `step` into `result`: history, summaries, the hook, early stopping."""
+        trainer = self.trainer
+        result.eval = trainer.evaluate()
+        if result.eval:
+            result.history.append({"step": step, **result.eval})
+            progress.message(f"eval at step {step}  {format_losses(result.eval)}")
+            self._write_scalars(step, {f"eval/{k}": v for k, v in result.eval.items()})
+            trainer.on_evaluate(step, dict(result.eval))
+            result.stopped_early = self.watch.update(step, result.eval) and not done
+            result.best = self.watch.best
 
     def _agreed_stop(self, stops: StopSignals) -> tuple[Signals, bool] | None:
         """The stop every worker takes at this boundary: SIGTERM if one received it, else

@@ -23,8 +23,9 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad", "nadam")
 MIXED_PRECISION = (None, "mixed_bfloat16", "mixed_float16")
 # Options whose values come from a fixed list: the CLI makes them enum flags.
 SCHEDULES = ("constant", "cosine", "linear")
+NONFINITE = ("stop", "rollback")
 CHOICES = {"optimizer": OPTIMIZERS, "strategy": STRATEGIES, "mixed_precision": MIXED_PRECISION,
-           "lr_schedule": SCHEDULES}  # fmt: skip
+           "lr_schedule": SCHEDULES, "on_nonfinite": NONFINITE}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +97,23 @@ class TrainerOptions:
         per optimizer step (Keras' use_ema formula), used for evaluation, export and
         results while training continues on the raw weights; from 0 (off, the default) to
         below 1.
+      early_stop_patience: stop after this many evaluations in a row without an improvement
+        of the task's held-out metric (Trainer.sweep_metric, by default the eval loss) by
+        more than early_stop_min_delta; needs eval_every. 0 (the default) never stops early.
+      early_stop_min_delta: the least change of the held-out metric that counts as an
+        improvement for early_stop_patience, non-negative.
+      keep_best: with model_dir, keep the weights of the best evaluation (the EMA ones with
+        ema_decay) as a checkpoint in <model_dir>/best/, never rotated out; with export_dir,
+        export those weights instead of the last ones. Needs eval_every.
+      on_nonfinite: what a non-finite loss does: stop (exit 1, naming the step and the
+        term) or rollback (to the last checkpoint, or the initial state without one, with
+        the learning rate times rollback_lr_factor; after max_rollbacks, stop).
+      max_rollbacks: with on_nonfinite=rollback, the most rollbacks of a run, positive.
+      rollback_lr_factor: with on_nonfinite=rollback, what each rollback multiplies a
+        constant learning rate by, from 0 (excluded) to 1; a schedule is left unchanged.
+      profile_steps: 'A,B' (0 <= A < B <= train_steps): with model_dir, a TensorFlow
+        profiler trace of the steps from A to B (loops are cut at A and B) in
+        <model_dir>/plugins/profile/, for TensorBoard's Profile tab.
     """
 
     optimizer: str = "adam"
@@ -125,6 +143,13 @@ class TrainerOptions:
     clip_global_norm: float = 0.0
     accumulate_steps: int = 1
     ema_decay: float = 0.0
+    early_stop_patience: int = 0
+    early_stop_min_delta: float = 0.0
+    keep_best: bool = False
+    on_nonfinite: str = "stop"
+    max_rollbacks: int = 3
+    rollback_lr_factor: float = 0.5
+    profile_steps: str | None = None
 
     def __post_init__(self):
         for name in ("batch_size", "train_steps", "steps_per_loop"):
@@ -140,12 +165,13 @@ class TrainerOptions:
         for name, choices in CHOICES.items():
             check_choice(name, getattr(self, name), choices)
         check_strategy(self.strategy, self.cpu_replicas)
-        for name in ("use_tf_function", "deterministic"):
+        for name in ("use_tf_function", "deterministic", "keep_best"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"`{name}` ({getattr(self, name)!r}) must be True or False.")
         if self.jit_compile not in (None, True, False):
             raise ConfigError(f"`jit_compile` ({self.jit_compile!r}) must be None, True or False.")
         self._check_techniques()
+        self._check_runs()
 
     def _check_techniques(self) -> None:
         check_integer("warmup_steps", self.warmup_steps, 0, self.train_steps)
@@ -165,6 +191,36 @@ class TrainerOptions:
         ema = check_non_negative("ema_decay", self.ema_decay)
         if ema >= 1:
             raise ConfigError(f"`ema_decay` ({self.ema_decay!r}) must be from 0 (off) to below 1.")
+
+    def _check_runs(self) -> None:
+        check_integer("early_stop_patience", self.early_stop_patience, 0)
+        check_non_negative("early_stop_min_delta", self.early_stop_min_delta)
+        for name in ("early_stop_patience", "keep_best"):
+            if getattr(self, name) and not self.eval_every:
+                raise ConfigError(f"`{name}` ({getattr(self, name)!r}) needs `eval_every`.")
+        if self.keep_best and not self.model_dir:
+            raise ConfigError("`keep_best` (True) needs a `model_dir` to keep the best in.")
+        check_integer("max_rollbacks", self.max_rollbacks, 1)
+        factor = check_positive("rollback_lr_factor", self.rollback_lr_factor)
+        if factor > 1:
+            raise ConfigError(f"`rollback_lr_factor` ({factor!r}) must be above 0 and at most 1.")
+        if self.profile_steps is not None:
+            profile_range(self.profile_steps, self.train_steps)
+            if not self.model_dir:
+                raise ConfigError(f"`profile_steps` ({self.profile_steps!r}) needs a `model_dir`.")
+
+
+def profile_range(text: Any, train_steps: int) -> tuple[int, int]:
+    """`(A, B)` from `profile_steps` 'A,B'.
+
+    Raises:
+      ConfigError: not two integers with 0 <= A < B <= train_steps.
+    """
+    match = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", text) if isinstance(text, str) else None
+    if not match or not int(match[1]) < int(match[2]) <= train_steps:
+        raise ConfigError(f"`profile_steps` ({text!r}) must be 'A,B', steps with 0 <= A < B <= "
+                          f"train_steps ({train_steps}).")  # fmt: skip
+    return int(match[1]), int(match[2])
 
 
 def options_with(

@@ -13,6 +13,7 @@ from trainer.building import build_model_with_policy, build_optimizer_with_loss_
 from trainer.controller import Controller, TrainResult
 from trainer.distribution import check_jit_compile, is_chief, is_default, make_strategy
 from trainer.errors import ConfigError
+from trainer.hooks import Hooks
 from trainer.inputs import InMemoryBatches
 from trainer.loop import TrainLoop
 from trainer.options import TrainerOptions, make_optimizer, options_with
@@ -22,12 +23,13 @@ from trainer.techniques import Techniques, check_optimizer, learning_rate_for
 from trainer.updates import DecoupledUpdates
 
 
-class Trainer:
+class Trainer(Hooks):
     """Trains a Keras model with a GradientTape step and pluggable penalties.
 
     Subclass it for a task: implement `build_model`, `train_dataset` (or `train_arrays`) and
     `compute_loss`; optionally `preprocess`, `eval_dataset`, `build_metrics`, `build_optimizer`.
-    Register it with `@register_task("name")` to run it from the CLI.
+    Register it with `@register_task("name")` to run it from the CLI. Hooks (`hooks.Hooks`):
+    `on_loop_end`, `on_evaluate`, `on_train_end`.
 
     One step (`train_step`): the model's outputs, per-example losses from `compute_loss`,
     their average over the global batch, plus every loss penalty and the model's own Keras
