@@ -4,6 +4,7 @@ TensorFlow's op determinism set for a block."""
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Callable, Iterator
 
 import keras
@@ -104,3 +105,14 @@ def op_determinism(enabled: bool) -> Iterator[None]:
         yield
     finally:
         set_to(before)
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` TCP ports on 127.0.0.1 that were free a moment ago (for TF_CONFIG clusters)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
-from array_task import ArrayTask, regression_data
+from array_task import ArrayTask, free_ports, regression_data
 from dist_plugin import mlp
 
 from trainer import L2, ConfigError, DecoupledWeightDecay, SelectiveL2, TrainerOptions
@@ -96,16 +95,6 @@ class MirroredTest(parameterized.TestCase, tf.test.TestCase):
             make_strategy("mirrored", cpu_replicas=8)
 
 
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 class MultiWorkerTest(tf.test.TestCase):
     """2 worker processes (MultiWorkerMirroredStrategy, TF_CONFIG on 127.0.0.1) ≡ 1 process."""
 
@@ -145,7 +134,7 @@ class MultiWorkerTest(tf.test.TestCase):
 
     def test_two_workers_match_one_process(self):
         out_dir = self.create_tempdir().full_path
-        ports = _free_ports(2)
+        ports = free_ports(2)
         cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
         workers = [
             self.run_cli(

@@ -4,12 +4,12 @@ stops every worker at the same step; a missing peer or a signal ends the wait fo
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import tensorflow as tf
+from array_task import free_ports
 
 from trainer.signals import StopSignals
 
@@ -22,16 +22,6 @@ CLI = (sys.executable, "-m", "trainer", "--import=dist_plugin", "--task=dist_reg
 def _sigint_by_default():
     """Children of a background job start with SIGINT ignored, and Python keeps it so."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def tf_config(ports, index):
