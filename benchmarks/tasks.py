@@ -14,6 +14,11 @@ as in-memory float32 NumPy arrays (scaled by NumPy, as a Keras user would pass t
 task's own model (`build_model()`), batch size (128), optimizer (Adam, the task's learning rate)
 and loss (sparse cross-entropy from logits); `jit_compile` is Keras' "auto".
 
+`--profile` then profiles one round of each (`profiling.kernel_times`) and lists their
+costliest kernels per step: where both spend their time in the same kernels (the oneDNN
+convolutions of `cifar10`, which neither compiles with XLA on CPU), no loop can be much
+faster than the other. Kernels on different threads overlap: their sum exceeds the step.
+
 Both are built and warmed up (first call: tracing, compiling) before timing; then each round
 times every variant once, the order alternated from round to round, for the same number of
 steps (whole epochs). tapeloop is timed through `train()`, continued by `train_steps` each
@@ -39,6 +44,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
+from profiling import kernel_times, restart_with_xla_traces, top_kernels
 
 
 def builtin_tasks() -> dict[str, tuple[type, int, int]]:
@@ -103,7 +109,7 @@ def float_arrays(trainer) -> tuple[np.ndarray, np.ndarray]:
     return x.reshape(len(x), *trainer.model.input_shape[1:]), labels
 
 
-def bench(task_cls: type, examples: int, epochs: int, rounds: int) -> None:
+def bench(task_cls: type, examples: int, epochs: int, rounds: int, profile: bool) -> None:
     name = task_cls.registered_name
     with tfds.testing.mock_data(num_examples=examples), tempfile.TemporaryDirectory() as data_dir:
         start = time.perf_counter()
@@ -130,20 +136,28 @@ def bench(task_cls: type, examples: int, epochs: int, rounds: int) -> None:
     ratios = [a / b for a, b in zip(rates["tapeloop"], rates["fit_spe100"])]
     print(f"  tapeloop / fit_spe100: {statistics.median(ratios):.2f}x (median of per-round "
           f"ratios; range {min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
+    if profile:
+        for key, variant in variants.items():
+            kernels = kernel_times(lambda variant=variant: variant.run(steps), steps)
+            print(f"  {key} (profiled, one round):")
+            print("\n".join("    " + line for line in top_kernels(kernels, 8)))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per task")
     parser.add_argument("--tasks", default="mnist,cifar10", help="comma-separated subset")
+    parser.add_argument("--profile", action="store_true", help="per-kernel times, one round")
     args = parser.parse_args()
+    if args.profile:
+        restart_with_xla_traces()
     logging.set_verbosity(logging.WARNING)  # no progress lines between the timings
     tf.get_logger().setLevel("ERROR")  # nor TFDS mocking's deprecation notes
     tfds.disable_progress_bar()
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
     tasks = builtin_tasks()
     for name in args.tasks.split(","):
-        bench(*tasks[name], rounds=args.rounds)
+        bench(*tasks[name], rounds=args.rounds, profile=args.profile)
     print(f"load average {os.getloadavg()[0]:.1f} at the end; a shared machine: noisy numbers")
 
 
