@@ -136,19 +136,25 @@ class _TfdsTaskTest(tf.test.TestCase):
         self.assertIsNone(self.result.input_wait_share)
 
     def test_preprocess_matches_the_old_per_example_map(self):
-        """`preprocess` on stored batches (eagerly and under XLA, as in the loop) gives the
-        floats the old per-example map gave: NumPy's float32 k/255, bit for bit."""
+        """`preprocess` on stored batches (eagerly, in a graph as in cifar10's loop, and under
+        XLA as in mnist's) gives the floats the old per-example map gave: NumPy's float32
+        k/255, bit for bit, for every uint8 value (graphs and XLA rewrite `x / 255.0` as
+        `x * (1/255)`, which rounds 126 of them differently in float32)."""
         images, labels = self.trainer.train_arrays()
         expected = self.scaled(images)
         self.assertEqual(expected.shape, (NUM_EXAMPLES, *self.feature_shape))
         old = tf.data.Dataset.from_tensor_slices(images).map(self.old_map).batch(NUM_EXAMPLES)
         self.assertAllEqual(old.get_single_element(), expected)
+        graph = tf.function(self.trainer.preprocess, jit_compile=False)
         compiled = tf.function(self.trainer.preprocess, jit_compile=True)
-        for preprocess in (self.trainer.preprocess, compiled):
+        every_value = np.resize(np.arange(256, dtype=np.uint8), images.shape)
+        for preprocess in (self.trainer.preprocess, graph, compiled):
             features, same_labels = preprocess(tf.constant(images), tf.constant(labels))
             self.assertEqual(features.dtype, tf.float32)
             self.assertAllEqual(features, expected)
             self.assertAllEqual(same_labels, labels)
+            features, _ = preprocess(tf.constant(every_value), tf.constant(labels))
+            self.assertAllEqual(features, self.scaled(every_value))
         self.assertGreater(expected.max(), 0.99)  # mock pixels span 0..255: scaled, not clipped
 
     def test_train_dataset_batches_preprocess_to_scaled_float_features_and_int_labels(self):
