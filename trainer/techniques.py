@@ -18,6 +18,7 @@ import keras
 import tensorflow as tf
 
 from trainer.errors import ConfigError
+from trainer.penalties import square_sum
 
 
 @keras.saving.register_keras_serializable("tapeloop")
@@ -214,7 +215,9 @@ class Techniques:
         replica = tf.distribute.get_replica_context()
         if replica is not None and replica.num_replicas_in_sync > 1:
             present = replica.all_reduce(tf.distribute.ReduceOp.SUM, present)
-        norm = tf.linalg.global_norm(present)
+        # Σg² as L2's Σw² (`square_sum`): XLA:CPU runs tf.linalg.global_norm's reductions
+        # as scalar loops.
+        norm = tf.sqrt(tf.add_n([square_sum(tf.cast(g, tf.float32)) for g in present]))
         if self.loss_scaled:
             norm = norm / tf.cast(self.optimizer.dynamic_scale, norm.dtype)
         self.grad_norm.assign(norm)
