@@ -147,6 +147,20 @@ class ClipTest(TechniqueTestBase):
         unclipped, _ = self.run_task(OPTIMIZERS[name], penalties)
         self.assert_apart(unclipped, reference, 1e-3)
 
+    def test_clip_under_loss_scaling_clips_the_unscaled_norm(self):
+        """Gradients scaled by a LossScaleOptimizer (2^10) are clipped by their unscaled norm:
+        ≡ the same clip without loss scaling, ≤ 1e-6. Wrong variant: unclipped."""
+        clip = 0.3
+        reference, _ = self.run_task(OPTIMIZERS["sgd"], [L2(0.05)], clip_global_norm=clip)
+        scaled, _ = self.run_task(
+            lambda: keras.optimizers.LossScaleOptimizer(OPTIMIZERS["sgd"](), initial_scale=2.0**10),
+            [L2(0.05)],
+            clip_global_norm=clip,
+        )
+        self.assert_near(scaled, reference, 1e-6)
+        unclipped, _ = self.run_task(OPTIMIZERS["sgd"], [L2(0.05)])
+        self.assert_apart(unclipped, reference, 1e-3)
+
     def test_clip_leaves_decoupled_decay_unclipped(self):
         """SGD + DecoupledWeightDecay(wd) + clip ≡ Keras `SGD(weight_decay=wd,
         global_clipnorm=c)` (decay before the update, outside the gradient), ≤ 1e-6. Wrong
