@@ -4,6 +4,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import re
+
+import keras
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
@@ -19,7 +22,7 @@ from trainer import (
     StepContext,
     Strength,
 )
-from trainer.penalties import _square_sum
+from trainer.penalties import _square_sum, upstream_after
 
 MODES = (("eager", False), ("tf_function", True))
 
@@ -159,6 +162,55 @@ class SquareSumTest(parameterized.TestCase, tf.test.TestCase):
             self.assertAllClose(value, np.sum(x64**2), rtol=1e-6, msg=str(shape))
             self.assertAllClose(gradient, 2 * x.numpy(), rtol=1e-6, msg=str(shape))
             self.assertAllClose(hvp, 2 * v.numpy(), rtol=1e-6, msg=str(shape))
+
+
+class UpstreamAfterTest(tf.test.TestCase):
+    """`upstream_after`: gradients, hence in-place updates, after the loss terms' values."""
+
+    def loop_hlo(self, ordered):
+        """XLA's optimized HLO of 3 Adam steps in a while loop, summing the loss, with an
+        L1-style term (Σ|w|, read from the kernel like any user penalty)."""
+        kernel = tf.Variable(tf.random.normal([64, 48], seed=1))
+        x = tf.random.normal([32, 64], seed=2)
+        optimizer = keras.optimizers.Adam(1e-3)
+        optimizer.build([kernel])
+
+        @tf.function(jit_compile=True)
+        def steps():
+            def body(i, total):
+                with tf.GradientTape() as tape:
+                    term = 1e-4 * tf.reduce_sum(tf.abs(kernel))
+                    loss = tf.reduce_mean(tf.square(x @ kernel)) + term
+                upstream = upstream_after([term]) if ordered else None
+                optimizer.apply_gradients(zip(tape.gradient(loss, [kernel], upstream), [kernel]))
+                return i + 1, total + loss
+
+            return tf.while_loop(lambda i, _: i < 3, body, [0, 0.0])[1]
+
+        return steps.experimental_get_compiler_ir()(stage="optimized_hlo")
+
+    def test_xla_copies_no_weight_a_term_reads(self):
+        """Ordered, the kernel is never copied; unordered (the wrong variant), XLA copies it
+        on every step in case the term's Σ|w| ran after the update."""
+        kernel_copy = r"f32\[64,48\]\{1,0\} copy\("
+        self.assertEmpty(re.findall(kernel_copy, self.loop_hlo(ordered=True)))
+        self.assertNotEmpty(re.findall(kernel_copy, self.loop_hlo(ordered=False)))
+
+    def test_gradients_unchanged_and_nan_after_a_nonfinite_term(self):
+        """Finite terms: the same gradients, bit for bit. A non-finite term: NaN gradients
+        (in a train step the term makes the loss non-finite too, and the loop stops)."""
+        w = tf.Variable(np.linspace(-1.0, 1.0, 12, dtype=np.float32).reshape(3, 4))
+        for scale, expect_nan in ((1e-2, False), (np.float32(np.inf), True)):
+            with tf.GradientTape(persistent=True) as tape:
+                term = scale * tf.reduce_sum(tf.square(w))
+                loss = tf.reduce_sum(tf.sin(w)) + tf.where(tf.math.is_finite(term), term, 0.0)
+            plain = tape.gradient(loss, w)
+            ordered = tape.gradient(loss, w, upstream_after([term]))
+            if expect_nan:
+                self.assertTrue(np.isnan(ordered.numpy()).all())
+            else:
+                self.assertAllEqual(ordered, plain)
+        self.assertIsNone(upstream_after([]))
 
 
 class SelectiveL2ExcludeTest(LossPenaltyTestBase):

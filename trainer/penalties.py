@@ -286,20 +286,28 @@ def square_sum(x: tf.Tensor) -> tf.Tensor:
 def _square_sum(x: tf.Tensor) -> tuple[tf.Tensor, Callable]:
     """`square_sum(x)`, with its gradient `2x` written out (one fused op in the backward
     pass, where the tape's gradient of `reduce_sum(square(x))` is a broadcast and two
-    products).
-
-    The gradient reads the sum (`0 · value`): the update of `x` then waits for its sum of
-    squares. Without that order XLA copied `x` on every step of a compiled loop, in case the
-    sum ran after the update (200 KB and ~15 µs a step for the seed MLP's first kernel). The
-    one difference: an infinite sum (weights beyond ~1e19) makes the gradient NaN, where the
-    loss is already infinite and the loop stops.
-    """
-    value = square_sum(x)
+    products)."""
 
     def gradient(upstream: tf.Tensor) -> tf.Tensor:
-        return (2.0 * (upstream + 0.0 * value)) * x
+        return (2.0 * upstream) * x
 
-    return value, gradient
+    return square_sum(x), gradient
+
+
+def upstream_after(terms: Sequence[tf.Tensor]) -> tf.Tensor | None:
+    """The loss's upstream gradient, 1, computed from the loss `terms` (`1 + 0·Σ terms`):
+    pass it as `tape.gradient(..., output_gradients=...)` so that every gradient, hence
+    every in-place weight update, comes after the terms' values.
+
+    Without that order, XLA copies each weight a term reads on every step of a compiled
+    loop, in case the term ran after the update: 200 KB and ~15 µs a step for the seed MLP's
+    first kernel under `L2` or `L1`. The one difference: a non-finite term makes every
+    gradient NaN, where the loss is already non-finite and the loop stops on it. None when
+    there are no terms.
+    """
+    if not terms:
+        return None
+    return 1.0 + 0.0 * tf.add_n([tf.cast(t, tf.float32) for t in terms])
 
 
 @register_penalty("l2")

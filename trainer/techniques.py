@@ -18,7 +18,7 @@ import keras
 import tensorflow as tf
 
 from trainer.errors import ConfigError
-from trainer.penalties import square_sum
+from trainer.penalties import square_sum, upstream_after
 
 
 @keras.saving.register_keras_serializable("tapeloop")
@@ -188,7 +188,7 @@ class Techniques:
                     loss, first_terms = loss + penalty, terms
                 if self.loss_scaled:
                     loss = self.optimizer.scale_loss(loss)
-            grads = tape.gradient(loss, self.variables)
+            grads = tape.gradient(loss, self.variables, upstream_after(terms) if i == 0 else None)
             total_grads = grads if total_grads is None else [
                 a if b is None else b if a is None else a + b for a, b in zip(total_grads, grads)
             ]  # fmt: skip

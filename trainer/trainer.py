@@ -17,7 +17,7 @@ from trainer.hooks import Hooks
 from trainer.inputs import InMemoryBatches
 from trainer.loop import TrainLoop
 from trainer.options import TrainerOptions, make_optimizer, options_with
-from trainer.penalties import Penalty, check_loss_term
+from trainer.penalties import Penalty, check_loss_term, upstream_after
 from trainer.report import coverage, coverage_table
 from trainer.techniques import Techniques, check_optimizer, learning_rate_for
 from trainer.updates import DecoupledUpdates
@@ -290,7 +290,7 @@ class Trainer(Hooks):
             with tf.GradientTape() as tape:
                 losses = self.compute_losses(*batch)
                 loss = self.optimizer.scale_loss(losses[0]) if self._loss_scaled else losses[0]
-            gradients = tape.gradient(loss, self.trainable_variables)
+            gradients = tape.gradient(loss, self.trainable_variables, upstream_after(losses[2:]))
         self.techniques.apply(gradients, self._updates)
         return losses
 
