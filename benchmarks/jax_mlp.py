@@ -227,13 +227,13 @@ def spawn(python: str, framework: str, args, extra_env: dict | None = None) -> d
     sys.exit(f"jax_mlp.py: the {framework} process failed (exit {out.returncode}): {tail}")
 
 
-def loop_body_counts(dump_dir: str) -> dict[str, int] | None:
+def loop_body_counts(paths: list[str]) -> dict[str, int] | None:
     """Fusions, copies and matrix products in the body of the while loop with the most
-    products, over the modules XLA dumped after optimization: what one train step executes.
+    products, over these modules XLA dumped after optimization: what one train step executes.
     `dot` counts XLA's own dots (Eigen calls on CPU), `library` the fusions XLA hands to a
     kernel library (YNNPACK's in JAX's XLA), `fusion` the others."""
     best = None
-    for path in glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")):
+    for path in paths:
         with open(path) as f:
             text = f.read()
         computations = {}
@@ -261,13 +261,11 @@ def hlo_counts(args) -> None:
             spawn(python, framework, one, {"XLA_FLAGS": flags})
             # Every variant's loop is dumped: count each variant's own module alone.
             for name in TF_VARIANTS if framework == "tf" else JAX_VARIANTS:
-                matching = _modules_of(dump, framework, name)
-                counts = loop_body_counts(matching) if matching else None
-                print(f"  {name:<16} {counts}")
+                print(f"  {name:<16} {loop_body_counts(_modules_of(dump, name))}")
 
 
-def _modules_of(dump: str, framework: str, name: str) -> str | None:
-    """A folder with the dumped modules of `name`'s loop only (hard links), or None."""
+def _modules_of(dump: str, name: str) -> list[str]:
+    """The dumped, optimized modules of `name`'s loop."""
     patterns = {
         "tapeloop": "*_steps_*",
         "tapeloop_l2_dwd": "*_steps_*",
@@ -278,12 +276,7 @@ def _modules_of(dump: str, framework: str, name: str) -> str | None:
     paths = sorted(glob.glob(os.path.join(dump, patterns[name] + "after_optimizations.txt")))
     if name.startswith("tapeloop") and len(paths) >= 2:  # built in this order
         paths = [paths[TF_VARIANTS.index(name)]]
-    if not paths:
-        return None
-    folder = tempfile.mkdtemp(dir=dump)
-    for path in paths:
-        os.link(path, os.path.join(folder, os.path.basename(path)))
-    return folder
+    return paths
 
 
 def main() -> None:
