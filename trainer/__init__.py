@@ -1,12 +1,6 @@
 """tapeloop: custom TensorFlow 2 training loops with regularization done right."""
 
-from trainer.controller import Controller, Preempted, TrainResult
-from trainer.errors import ConfigError
-from trainer.inputs import read_to_memory
-from trainer.loop import TrainLoop
-from trainer.options import TrainerOptions, make_optimizer
-from trainer.penalties import L2, DecoupledWeightDecay, Penalty, SelectiveL2, StepContext, Strength
-from trainer.registry import (
+from trainer.cli.registry import (
     get_penalty,
     get_task,
     parse_penalty_spec,
@@ -15,8 +9,14 @@ from trainer.registry import (
     register_task,
     task_names,
 )
-from trainer.techniques import WarmupSchedule, learning_rate_for
-from trainer.trainer import Trainer
+from trainer.errors import ConfigError
+from trainer.inputs import read_to_memory
+from trainer.optimizers import WarmupSchedule, learning_rate_for, make_optimizer
+from trainer.options import TrainerOptions
+from trainer.penalties import L2, DecoupledWeightDecay, Penalty, SelectiveL2, StepContext, Strength
+from trainer.run.controller import Controller, Preempted, TrainResult
+from trainer.step.loop import TrainLoop
+from trainer.step.trainer import Trainer
 
 __all__ = [
     "L2",

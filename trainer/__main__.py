@@ -1,6 +1,6 @@
 """`python -m trainer`: runs the command line."""
 
-from trainer.main import run
+from trainer.cli.main import run
 
 if __name__ == "__main__":
     run()

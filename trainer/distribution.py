@@ -246,9 +246,12 @@ def wait_for_peers(timeout: int) -> None:
                     "start them, or check the addresses in TF_CONFIG."
                 )
             logging.log_every_n_seconds(
-                logging.INFO, "Waiting for %s to start (peer_timeout: %s).", 30, names,
+                logging.INFO,
+                "Waiting for %s to start (peer_timeout: %s).",
+                30,
+                names,
                 f"{timeout} s" if timeout else "none",
-            )  # fmt: skip
+            )
             time.sleep(0.2)
     finally:
         if listener is not None:

@@ -7,8 +7,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import keras
-
 from trainer.distribution import STRATEGIES, check_strategy
 from trainer.errors import (
     ConfigError,
@@ -18,14 +16,19 @@ from trainer.errors import (
     check_non_negative,
     check_positive,
 )
+from trainer.optimizers import OPTIMIZERS
 
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad", "nadam")
 MIXED_PRECISION = (None, "mixed_bfloat16", "mixed_float16")
 # Options whose values come from a fixed list: the CLI makes them enum flags.
 SCHEDULES = ("constant", "cosine", "linear")
 NONFINITE = ("stop", "rollback")
-CHOICES = {"optimizer": OPTIMIZERS, "strategy": STRATEGIES, "mixed_precision": MIXED_PRECISION,
-           "lr_schedule": SCHEDULES, "on_nonfinite": NONFINITE}  # fmt: skip
+CHOICES = {
+    "optimizer": OPTIMIZERS,
+    "strategy": STRATEGIES,
+    "mixed_precision": MIXED_PRECISION,
+    "lr_schedule": SCHEDULES,
+    "on_nonfinite": NONFINITE,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,16 +181,21 @@ class TrainerOptions:
         end = check_non_negative("end_learning_rate", self.end_learning_rate)
         check_float32("end_learning_rate", end)
         if end > self.learning_rate:
-            raise ConfigError(f"`end_learning_rate` ({end!r}) must be at most `learning_rate` "
-                              f"({self.learning_rate!r}).")  # fmt: skip
+            raise ConfigError(
+                f"`end_learning_rate` ({end!r}) must be at most `learning_rate` "
+                f"({self.learning_rate!r})."
+            )
         if end and self.lr_schedule == "constant":
             raise ConfigError(f"`end_learning_rate` ({end!r}) needs lr_schedule cosine or linear.")
-        check_float32("clip_global_norm",
-                      check_non_negative("clip_global_norm", self.clip_global_norm))  # fmt: skip
+        check_float32(
+            "clip_global_norm", check_non_negative("clip_global_norm", self.clip_global_norm)
+        )
         k = check_integer("accumulate_steps", self.accumulate_steps, 1, self.batch_size)
         if self.batch_size % k:
-            raise ConfigError(f"`accumulate_steps` ({k}) must divide `batch_size` "
-                              f"({self.batch_size}) into equal micro-batches.")  # fmt: skip
+            raise ConfigError(
+                f"`accumulate_steps` ({k}) must divide `batch_size` "
+                f"({self.batch_size}) into equal micro-batches."
+            )
         ema = check_non_negative("ema_decay", self.ema_decay)
         if ema >= 1:
             raise ConfigError(f"`ema_decay` ({self.ema_decay!r}) must be from 0 (off) to below 1.")
@@ -218,8 +226,10 @@ def profile_range(text: Any, train_steps: int) -> tuple[int, int]:
     """
     match = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", text) if isinstance(text, str) else None
     if not match or not int(match[1]) < int(match[2]) <= train_steps:
-        raise ConfigError(f"`profile_steps` ({text!r}) must be 'A,B', steps with 0 <= A < B <= "
-                          f"train_steps ({train_steps}).")  # fmt: skip
+        raise ConfigError(
+            f"`profile_steps` ({text!r}) must be 'A,B', steps with 0 <= A < B <= "
+            f"train_steps ({train_steps})."
+        )
     return int(match[1]), int(match[2])
 
 
@@ -256,19 +266,3 @@ def field_docs() -> dict[str, str]:
         elif name and line.strip():
             docs[name] += " " + line.strip()
     return docs
-
-
-def make_optimizer(name: str, learning_rate: Any) -> keras.optimizers.Optimizer:
-    """A Keras optimizer by name: one of `OPTIMIZERS`.
-
-    `"momentum"` is SGD with momentum 0.9; `"adamw"` is Keras' `AdamW` with its own default
-    `weight_decay` (0.004, on every trainable variable unless `exclude_from_weight_decay` is
-    called), which the Trainer's penalty table shows.
-
-    Raises:
-      ConfigError: an unknown name.
-    """
-    check_choice("optimizer", name, OPTIMIZERS)
-    if name == "momentum":
-        return keras.optimizers.SGD(learning_rate, momentum=0.9)
-    return keras.optimizers.get({"class_name": name, "config": {"learning_rate": learning_rate}})

@@ -10,101 +10,14 @@ here is taken in Python, when the step is traced.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import keras
 import tensorflow as tf
 
 from trainer.errors import ConfigError
-from trainer.penalties import square_sum, upstream_after
-
-
-@keras.saving.register_keras_serializable("tapeloop")
-class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warmup from 0 to `learning_rate` over `warmup_steps`, then `kind` to
-    `end_learning_rate` at `train_steps`.
-
-    `cosine` is Keras' `CosineDecay(0.0, train_steps - warmup_steps,
-    alpha=end_learning_rate / learning_rate, warmup_target=learning_rate,
-    warmup_steps=warmup_steps)` (optax's `warmup_cosine_decay_schedule`); `linear` decays
-    linearly instead; `constant` stays at `learning_rate` after the warmup. The step is the
-    optimizer's `iterations` (0 at the first update), so with a warmup the first update is
-    at rate 0, as in Keras.
-    """
-
-    def __init__(self, kind, learning_rate, train_steps, warmup_steps=0, end_learning_rate=0.0):
-        self.kind, self.learning_rate, self.train_steps = kind, learning_rate, train_steps
-        self.warmup_steps, self.end_learning_rate = warmup_steps, end_learning_rate
-
-    def __call__(self, step: Any) -> tf.Tensor:
-        peak = tf.constant(self.learning_rate, tf.float32)
-        warmup = tf.constant(float(self.warmup_steps), tf.float32)
-        decay_steps = float(max(self.train_steps - self.warmup_steps, 1))
-        step = tf.minimum(tf.cast(step, tf.float32), warmup + decay_steps)
-        fraction = (step - warmup) / decay_steps
-        alpha = self.end_learning_rate / self.learning_rate
-        if self.kind == "cosine":
-            decayed = (1 - alpha) * (0.5 * (1.0 + tf.cos(math.pi * fraction))) + alpha
-        elif self.kind == "linear":
-            decayed = (1 - alpha) * (1.0 - fraction) + alpha
-        else:
-            decayed = tf.constant(1.0)
-        if not self.warmup_steps:
-            return peak * decayed
-        return tf.where(step < warmup, peak * (step / warmup), peak * decayed)
-
-    @property
-    def peak_learning_rate(self) -> float:
-        """`learning_rate`: the base of decoupled decay's schedule multiplier η_t."""
-        return self.learning_rate
-
-    def get_config(self) -> dict[str, Any]:
-        return {"kind": self.kind, "learning_rate": self.learning_rate,
-                "train_steps": self.train_steps, "warmup_steps": self.warmup_steps,
-                "end_learning_rate": self.end_learning_rate}  # fmt: skip
-
-
-def learning_rate_for(options: Any) -> Any:
-    """The learning rate the options ask for: `options.learning_rate` (a float) with
-    `lr_schedule="constant"` and no warmup, else a `WarmupSchedule`. A task that overrides
-    `build_optimizer` passes this to its optimizer to follow `--lr_schedule`."""
-    if options.lr_schedule == "constant" and not options.warmup_steps:
-        return options.learning_rate
-    return WarmupSchedule(options.lr_schedule, options.learning_rate, options.train_steps,
-                          options.warmup_steps, options.end_learning_rate)  # fmt: skip
-
-
-def check_optimizer(optimizer: keras.optimizers.Optimizer, options: Any, owner: str) -> None:
-    """Refuses what would silently differ from the options.
-
-    Raises:
-      ConfigError: the optimizer has its own `gradient_accumulation_steps` (decoupled decay
-        would run on every micro-step) or `use_ema=True` (shadow weights never used), or
-        the options ask for a schedule the optimizer (from an overridden `build_optimizer`)
-        does not follow.
-    """
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    if getattr(inner, "gradient_accumulation_steps", None):
-        raise ConfigError(
-            f"{owner}'s optimizer has gradient_accumulation_steps="
-            f"{inner.gradient_accumulation_steps}: use the accumulate_steps option instead "
-            "(decoupled decay and EMA then run once per optimizer step)."
-        )
-    if getattr(inner, "use_ema", False):
-        raise ConfigError(
-            f"{owner}'s optimizer has use_ema=True, whose averages tapeloop would never use: "
-            f"use the ema_decay option instead (ema_decay={inner.ema_momentum})."
-        )
-    if (options.lr_schedule != "constant" or options.warmup_steps) and not isinstance(
-        inner._learning_rate, WarmupSchedule
-    ):
-        raise ConfigError(
-            f"lr_schedule={options.lr_schedule!r}, warmup_steps={options.warmup_steps}: "
-            f"{owner}.build_optimizer does not use them; build its optimizer with "
-            "trainer.learning_rate_for(self.options) or leave those options at their defaults."
-        )
+from trainer.numerics import square_sum, upstream_after
+from trainer.optimizers import is_loss_scaled
 
 
 class Techniques:
@@ -123,16 +36,21 @@ class Techniques:
         self.options = options
         self.optimizer = optimizer
         self.variables = list(variables)
-        self.loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        self.loss_scaled = is_loss_scaled(optimizer)
         first = tf.VariableAggregation.ONLY_FIRST_REPLICA
         self.grad_norm = (
             tf.Variable(0.0, trainable=False, name="grad_norm", aggregation=first)
-            if options.clip_global_norm else None
-        )  # fmt: skip
-        self.averages = {
-            v.path: tf.Variable(v.numpy(), trainable=False, name="ema", aggregation=first)
-            for v in self.variables
-        } if options.ema_decay else {}  # fmt: skip
+            if options.clip_global_norm
+            else None
+        )
+        self.averages = (
+            {
+                v.path: tf.Variable(v.numpy(), trainable=False, name="ema", aggregation=first)
+                for v in self.variables
+            }
+            if options.ema_decay
+            else {}
+        )
 
     def describe(self) -> str:
         """One line of the techniques in force ("" when none), for the start-up table."""
@@ -146,8 +64,10 @@ class Techniques:
         if o.clip_global_norm:
             parts.append(f"clip_global_norm={o.clip_global_norm:g}")
         if o.accumulate_steps > 1:
-            parts.append(f"accumulate_steps={o.accumulate_steps} (micro-batches of "
-                         f"{o.batch_size // o.accumulate_steps})")  # fmt: skip
+            parts.append(
+                f"accumulate_steps={o.accumulate_steps} (micro-batches of "
+                f"{o.batch_size // o.accumulate_steps})"
+            )
         if o.ema_decay:
             parts.append(f"ema_decay={o.ema_decay:g} (evaluation and export use the EMA)")
         return "\ntechniques: " + ", ".join(parts) if parts else ""
@@ -174,8 +94,9 @@ class Techniques:
         features, labels = batch
         size = tf.nest.flatten(labels)[0].shape[0]
         if size is not None and size % k:
-            raise ConfigError(f"accumulate_steps ({k}) must divide each replica's batch "
-                              f"({size} examples).")  # fmt: skip
+            raise ConfigError(
+                f"accumulate_steps ({k}) must divide each replica's batch ({size} examples)."
+            )
         splits = [tf.split(t, k) for t in tf.nest.flatten((features, labels))]
         total_grads, data_sum = None, 0.0
         for i in range(k):
@@ -189,9 +110,14 @@ class Techniques:
                 if self.loss_scaled:
                     loss = self.optimizer.scale_loss(loss)
             grads = tape.gradient(loss, self.variables, upstream_after(terms) if i == 0 else None)
-            total_grads = grads if total_grads is None else [
-                a if b is None else b if a is None else a + b for a, b in zip(total_grads, grads)
-            ]  # fmt: skip
+            total_grads = (
+                grads
+                if total_grads is None
+                else [
+                    a if b is None else b if a is None else a + b
+                    for a, b in zip(total_grads, grads)
+                ]
+            )
             data_sum += data
         data = data_sum / k
         return total_grads, [data + penalty, data, *first_terms]

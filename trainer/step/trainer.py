@@ -9,18 +9,19 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from trainer.building import build_model_with_policy, build_optimizer_with_loss_scale
-from trainer.controller import Controller, TrainResult
 from trainer.distribution import check_jit_compile, is_chief, is_default, make_strategy
 from trainer.errors import ConfigError
-from trainer.hooks import Hooks
 from trainer.inputs import InMemoryBatches
-from trainer.loop import TrainLoop
-from trainer.options import TrainerOptions, make_optimizer, options_with
-from trainer.penalties import Penalty, check_loss_term, upstream_after
-from trainer.report import coverage, coverage_table
-from trainer.techniques import Techniques, check_optimizer, learning_rate_for
-from trainer.updates import DecoupledUpdates
+from trainer.numerics import upstream_after
+from trainer.optimizers import check_optimizer, learning_rate_for, make_optimizer, with_loss_scale
+from trainer.options import TrainerOptions, options_with
+from trainer.penalties.base import Penalty, check_loss_term
+from trainer.penalties.coverage import coverage, coverage_table
+from trainer.run.controller import Controller, TrainResult
+from trainer.run.hooks import Hooks
+from trainer.step.loop import TrainLoop
+from trainer.step.techniques import Techniques
+from trainer.step.updates import DecoupledUpdates
 
 
 class Trainer(Hooks):
@@ -66,8 +67,9 @@ class Trainer(Hooks):
         strategy: tf.distribute.Strategy | None = None,
     ):
         self.options = opts = options or self.make_options()
-        self.strategy = strategy or make_strategy(opts.strategy, opts.cpu_replicas,
-                                                  peer_timeout=opts.peer_timeout)  # fmt: skip
+        self.strategy = strategy or make_strategy(
+            opts.strategy, opts.cpu_replicas, peer_timeout=opts.peer_timeout
+        )
         check_jit_compile(self.options.jit_compile, self.strategy)
         for p in penalties:
             if not isinstance(p, Penalty):
@@ -169,12 +171,12 @@ class Trainer(Hooks):
             tf.config.experimental.enable_op_determinism()
         keras.utils.set_random_seed(self.options.seed)
         with self.strategy.scope():
-            model = build_model_with_policy(self)
+            model = _build_model_with_policy(self)
             trainable = list(model.trainable_variables)
             self.selections = [(p, p.select(trainable)) for p in self.penalties]
             for penalty, variables in self.selections:
                 penalty.build(variables)
-            self.optimizer = build_optimizer_with_loss_scale(self)
+            self.optimizer = with_loss_scale(self.build_optimizer(), self.options.mixed_precision)
             check_optimizer(self.optimizer, self.options, type(self).__name__)
             self.optimizer.build(trainable)  # before the first step: needed under strategies
             self.techniques = Techniques(self.options, self.optimizer, trainable)
@@ -245,8 +247,12 @@ class Trainer(Hooks):
         }
 
     def _state_variables(self) -> list[Any]:
-        return [*self.model.variables, *self.optimizer.variables, self.step_counter,
-                *self.techniques.state_variables]  # fmt: skip
+        return [
+            *self.model.variables,
+            *self.optimizer.variables,
+            self.step_counter,
+            *self.techniques.state_variables,
+        ]
 
     def get_state(self) -> list[Any]:
         """The values of every model and optimizer variable and the step (for `set_state`)."""
@@ -341,3 +347,22 @@ def _float32(outputs: Any) -> Any:
     return tf.nest.map_structure(
         lambda t: tf.cast(t, tf.float32) if t.dtype.is_floating else t, outputs
     )
+
+
+def _build_model_with_policy(trainer: Trainer) -> keras.Model:
+    """`trainer.build_model()` under `options.mixed_precision`, called once on a batch of
+    zeros shaped like a training batch (through `trainer.preprocess`) if it has no weights
+    yet."""
+    policy = trainer.options.mixed_precision
+    previous = keras.mixed_precision.global_policy()
+    if policy:
+        keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = trainer.build_model()
+        if not model.built or not model.trainable_variables:
+            spec = trainer.train_dataset().element_spec
+            zeros = lambda s: tf.zeros([d or 1 for d in s.shape], s.dtype)  # noqa: E731
+            model(trainer.preprocess(*tf.nest.map_structure(zeros, spec))[0])
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    return model

@@ -8,9 +8,9 @@ from typing import Any
 
 import tensorflow as tf
 
-from trainer import files, summaries
-from trainer.controller import TrainResult
 from trainer.errors import ConfigError
+from trainer.run import files, summaries
+from trainer.run.controller import TrainResult
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,15 +12,15 @@ from typing import Any
 import tensorflow as tf
 from absl import logging
 
-from trainer import files, resume, summaries
-from trainer.checkpointing import Checkpointer
 from trainer.distribution import is_default, sum_over_workers
 from trainer.errors import ConfigError
 from trainer.inputs import InputWait
-from trainer.lock import RunLock
-from trainer.progress import Progress, format_losses
-from trainer.runs import Profile, Rollback, Watch
-from trainer.signals import INTERRUPTED_EXIT_STATUS, StopSignals
+from trainer.run import files, resume, summaries
+from trainer.run.checkpointing import Checkpointer
+from trainer.run.lock import RunLock
+from trainer.run.progress import Progress, format_losses
+from trainer.run.runs import Profile, Rollback, Watch
+from trainer.run.signals import INTERRUPTED_EXIT_STATUS, StopSignals
 
 
 class Preempted(Exception):
@@ -207,8 +207,10 @@ class Controller:
                 with trainer.techniques.averaged():  # the EMA of the weights, with ema_decay
                     trainer.model.export(opts.export_dir, verbose=False)
 
-            if not _writing(f"the best model to `export_dir` ({opts.export_dir!r})",
-                            lambda: self.watch.export_best(opts.export_dir)):  # fmt: skip
+            if not _writing(
+                f"the best model to `export_dir` ({opts.export_dir!r})",
+                lambda: self.watch.export_best(opts.export_dir),
+            ):
                 _writing(f"the model to `export_dir` ({opts.export_dir!r})", export)
         if model_dir and trainer.is_chief:
             path = files.join(model_dir, "results.json")
@@ -221,11 +223,14 @@ class Controller:
         saved batch size, its order from the saved seed. If either changed, the new values
         are in force and the data starts over (logged)."""
         saved = checkpointer.saved_settings or {}
-        changed = [k for k in ("batch_size", "seed")
-                   if k in saved and saved[k] != getattr(self.options, k)]  # fmt: skip
+        changed = [
+            k for k in ("batch_size", "seed") if k in saved and saved[k] != getattr(self.options, k)
+        ]
         if changed and checkpointer.latest:
-            logging.info("%s changed: the input iterator starts over instead of continuing.",
-                         " and ".join(changed))  # fmt: skip
+            logging.info(
+                "%s changed: the input iterator starts over instead of continuing.",
+                " and ".join(changed),
+            )
         return not changed
 
     def _next_stop(self, step: int) -> int:
@@ -287,11 +292,15 @@ class Controller:
                 self._evaluate(step, result, progress, done)  # before the save: the watch's
             path = None  # state in the checkpoint of this step counts this evaluation
             if checkpointer and (
-                done or stop or result.stopped_early
+                done
+                or stop
+                or result.stopped_early
                 or (opts.checkpoint_every and step % opts.checkpoint_every == 0)
-            ):  # fmt: skip
-                path = _writing(f"checkpoint {step} to {checkpointer.directory!r}",
-                                lambda step=step: checkpointer.save(step))  # fmt: skip
+            ):
+                path = _writing(
+                    f"checkpoint {step} to {checkpointer.directory!r}",
+                    lambda step=step: checkpointer.save(step),
+                )
             if stop:
                 progress.close()
                 if checkpointer:
@@ -366,8 +375,11 @@ def _continued(previous: dict[str, Any] | None, step: int) -> TrainResult:
     trained now, its training figures)."""
     if not previous:
         return TrainResult(step)
-    history = [h for h in previous.get("history", []) if isinstance(h, dict)
-               and isinstance(h.get("step"), int) and h["step"] <= step]  # fmt: skip
+    history = [
+        h
+        for h in previous.get("history", [])
+        if isinstance(h, dict) and isinstance(h.get("step"), int) and h["step"] <= step
+    ]
     result = TrainResult(step, history=history)
     if previous.get("step") == step:
         result.train = previous.get("train") or {}

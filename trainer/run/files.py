@@ -87,5 +87,6 @@ def read_json(path: str) -> Any | None:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path!r} is not valid JSON ({e.msg}); remove it or use another "
-                          "directory.") from None  # fmt: skip
+        raise ConfigError(
+            f"{path!r} is not valid JSON ({e.msg}); remove it or use another directory."
+        ) from None

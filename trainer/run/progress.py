@@ -39,8 +39,10 @@ class Progress:
     def update(self, step: int, steps_per_sec: float, logs: dict[str, float]) -> str:
         """Shows `step`, the rate, the ETA at that rate and the loss breakdown; returns it."""
         eta = (self.total_steps - step) / steps_per_sec if steps_per_sec > 0 else 0.0
-        line = (f"step {step}/{self.total_steps}  {steps_per_sec:.1f} steps/s  "
-                f"ETA {_duration(eta)}  {format_losses(logs)}")  # fmt: skip
+        line = (
+            f"step {step}/{self.total_steps}  {steps_per_sec:.1f} steps/s  "
+            f"ETA {_duration(eta)}  {format_losses(logs)}"
+        )
         if self.live:
             self.stream.write("\r\033[K" + line)
             self.stream.flush()

@@ -8,9 +8,10 @@ from typing import Any
 import tensorflow as tf
 from absl import logging
 
-from trainer import files
 from trainer.errors import ConfigError
+from trainer.optimizers import learning_rate_variable
 from trainer.options import profile_range
+from trainer.run import files
 
 
 class Watch:
@@ -117,13 +118,6 @@ class Watch:
         return True
 
 
-def learning_rate_variable(optimizer: Any) -> Any | None:
-    """The optimizer's learning-rate variable; None when it follows a schedule."""
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    found = [v for v in inner.variables if v.path.endswith("/learning_rate")]
-    return found[0] if found else None
-
-
 class Rollback:
     """`on_nonfinite=rollback`: back to the last checkpoint (or the initial state), with the
     learning rate times `rollback_lr_factor`, at most `max_rollbacks` times.
@@ -161,9 +155,15 @@ class Rollback:
             lr = f"learning rate {before:.6g} -> {before * self.factor:.6g}"
         else:
             lr = "learning-rate schedule unchanged"
-        logging.warning("Rollback %d: %s Back to %s (step %d); %s; %d rollback(s) left.",
-                        self.count, str(error).split(";")[0] + ".", path or "the initial state",
-                        self.trainer.step, lr, self.left)  # fmt: skip
+        logging.warning(
+            "Rollback %d: %s Back to %s (step %d); %s; %d rollback(s) left.",
+            self.count,
+            str(error).split(";")[0] + ".",
+            path or "the initial state",
+            self.trainer.step,
+            lr,
+            self.left,
+        )
         return True
 
 
@@ -197,8 +197,11 @@ class Profile:
         """Stops the trace once step B is reached (or passed, after a rollback)."""
         if self.active and (step >= self.range[1] or step < self.range[0]):
             self.close()
-            logging.info("Profiled steps %d to %d in %s.", *self.range,
-                         files.join(self.model_dir, "plugins", "profile"))  # fmt: skip
+            logging.info(
+                "Profiled steps %d to %d in %s.",
+                *self.range,
+                files.join(self.model_dir, "plugins", "profile"),
+            )
             self.range = None
 
     def close(self) -> None:

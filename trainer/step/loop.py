@@ -9,10 +9,10 @@ import tensorflow as tf
 from absl import logging
 from tensorflow.python.framework import config as tf_config  # no public determinism query
 
-from trainer import summaries
 from trainer.distribution import is_default
 from trainer.inputs import InMemoryBatches
-from trainer.updates import initial_learning_rate
+from trainer.optimizers import initial_learning_rate
+from trainer.run import summaries
 
 _CONVOLUTIONS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 
@@ -51,14 +51,14 @@ class TrainLoop:
         options = trainer.options
         arrays = trainer.train_arrays() if is_default(trainer.strategy) else None
         self.batches = (
-            None if arrays is None
-            else InMemoryBatches(arrays, options.batch_size, options.seed)
-        )  # fmt: skip
+            None if arrays is None else InMemoryBatches(arrays, options.batch_size, options.seed)
+        )
         self._eager = not options.use_tf_function
         self._step_fn = (
-            self._train_step if self._eager
+            self._train_step
+            if self._eager
             else tf.function(self._train_step, jit_compile=options.jit_compile is True)
-        )  # fmt: skip
+        )
         self._initial_lr = initial_learning_rate(trainer.optimizer)
         self._tags = summaries.step_tags(trainer.loss_names, trainer.selections)
         self._tags += trainer.techniques.summary_tags()  # grad_norm when clipping
@@ -135,8 +135,10 @@ class TrainLoop:
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as e:
             if not (self._xla and self.trainer.options.jit_compile is None):
                 raise
-            logging.warning("XLA could not compile the train loop; running without it: %s",
-                            str(e).strip().splitlines()[0][:300])  # fmt: skip
+            logging.warning(
+                "XLA could not compile the train loop; running without it: %s",
+                str(e).strip().splitlines()[0][:300],
+            )
             self._make(xla=False)
             means, step, wait = self._loop_fn(iterator, steps)
         self._input_wait_s = float(wait) if self._timed else None

@@ -7,7 +7,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from trainer.penalties import Penalty, StepContext
+from trainer.penalties.base import Penalty, StepContext
 
 
 def loss_tag(name: str) -> str:

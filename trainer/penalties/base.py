@@ -1,30 +1,17 @@
-"""Penalties: loss terms (L2, SelectiveL2) and direct weight updates (DecoupledWeightDecay)."""
+"""The penalty base: `Penalty` (phases inferred from its methods), `Strength`, `StepContext`."""
 
 from __future__ import annotations
 
 import dataclasses
 import reprlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import tensorflow as tf
 
-from trainer import selection
-from trainer.errors import ConfigError, check_choice, check_float32, check_non_negative
-from trainer.registry import register_penalty
-from trainer.selection import Selector, variable_path
-
-__all__ = [
-    "L2",
-    "DecoupledWeightDecay",
-    "Penalty",
-    "SelectiveL2",
-    "Selector",
-    "StepContext",
-    "Strength",
-    "check_loss_term",
-    "variable_path",
-]
+from trainer.errors import ConfigError, check_float32, check_non_negative
+from trainer.penalties import selection
+from trainer.penalties.selection import Selector
 
 
 class Strength:
@@ -257,161 +244,3 @@ def check_loss_term(penalty: Penalty, value: Any) -> tf.Tensor:
 def _short(value: Any) -> str:
     """`repr`, with floats read back from float32 variables shown as typed (1e-4, not 9.99e-05)."""
     return repr(float(f"{value:.7g}")) if isinstance(value, float) else repr(value)
-
-
-def _sum_of_squares(variables: Sequence[Any]) -> tf.Tensor:
-    """Σ w² over all `variables`, in float32 whatever the compute dtype."""
-    if not variables:
-        return tf.constant(0.0)
-    return tf.add_n([_square_sum(tf.cast(v, tf.float32)) for v in variables])
-
-
-def square_sum(x: tf.Tensor) -> tf.Tensor:
-    """Σ x² of a float tensor, fast under XLA:CPU.
-
-    A tensor of rank ≥ 2 whose size is a multiple of 16 is reduced as a matrix-vector
-    product of its squared elements, in rows of 16, with ones: XLA:CPU emits a full reduction
-    as a scalar loop, which made `L2` cost ~10% of the seed MLP's step inside the compiled
-    loop; the product runs vectorized (rows of 16 ran ~1.5x faster than rows of the last
-    dimension, 64, on the seed MLP).
-    """
-    size = x.shape.num_elements()
-    if size and x.shape.rank >= 2 and size % 16 == 0:
-        rows = tf.reshape(tf.square(x), [-1, 16])
-        return tf.reduce_sum(tf.linalg.matvec(rows, tf.ones([16], x.dtype)))
-    return tf.reduce_sum(tf.square(x))
-
-
-@tf.custom_gradient
-def _square_sum(x: tf.Tensor) -> tuple[tf.Tensor, Callable]:
-    """`square_sum(x)`, with its gradient `2x` written out (one fused op in the backward
-    pass, where the tape's gradient of `reduce_sum(square(x))` is a broadcast and two
-    products)."""
-
-    def gradient(upstream: tf.Tensor) -> tf.Tensor:
-        return (2.0 * upstream) * x
-
-    return square_sum(x), gradient
-
-
-def upstream_after(terms: Sequence[tf.Tensor]) -> tf.Tensor | None:
-    """The loss's upstream gradient, 1, computed from the loss `terms` (`1 + 0·Σ terms`):
-    pass it as `tape.gradient(..., output_gradients=...)` so that every gradient, hence
-    every in-place weight update, comes after the terms' values.
-
-    Without that order, XLA copies each weight a term reads on every step of a compiled
-    loop, in case the term ran after the update: 200 KB and ~15 µs a step for the seed MLP's
-    first kernel under `L2` or `L1`. The one difference: a non-finite term makes every
-    gradient NaN, where the loss is already non-finite and the loop stops on it. None when
-    there are no terms.
-    """
-    if not terms:
-        return None
-    return 1.0 + 0.0 * tf.add_n([tf.cast(t, tf.float32) for t in terms])
-
-
-@register_penalty("l2")
-class L2(Penalty):
-    """`scale · Σ w²` over all trainable variables: the Keras `l2` regularizer's convention.
-
-    Note there is no ½: `L2(λ)` on a kernel equals `kernel_regularizer=keras.regularizers.l2(λ)`,
-    and its gradient is `2λw`.
-
-    Args:
-      scale: λ, a non-negative number.
-      **selection: `include`, `exclude`, `name`; see `Penalty`.
-    """
-
-    scale = Strength()
-    has_loss = True
-
-    def __init__(self, scale: float = 0.01, **selection: Any):
-        super().__init__(**selection)
-        self.scale = scale
-
-    def loss(self, variables: Sequence[Any]) -> tf.Tensor:
-        return self.scale * _sum_of_squares(variables)
-
-
-@register_penalty("selective_l2")
-class SelectiveL2(L2):
-    """L2 on the variables whose path matches `include` and not `exclude`.
-
-    `SelectiveL2(1e-4, exclude='bias|norm')` regularizes everything but biases and
-    normalization parameters; `SelectiveL2(1e-4, include='kernel')` only kernels.
-
-    Args:
-      scale: λ, a non-negative number.
-      **selection: `include` and/or `exclude` (regexes on `variable.path`, or predicates),
-        `name`; see `Penalty`.
-
-    Raises:
-      ConfigError: neither `include` nor `exclude` is given (use `L2` for all variables).
-    """
-
-    def __init__(self, scale: float = 0.01, **selection: Any):
-        if selection.get("include") is None and selection.get("exclude") is None:
-            raise ConfigError(
-                "SelectiveL2 needs `include` or `exclude` (both are None); "
-                "use L2 to regularize every trainable variable."
-            )
-        super().__init__(scale, **selection)
-
-
-COUPLINGS = ("learning_rate", "schedule", "absolute")
-
-
-@register_penalty("decoupled_weight_decay")
-class DecoupledWeightDecay(Penalty):
-    """Decoupled weight decay: `w ← w − lr_t · rate · w`, applied to the weights directly.
-
-    This is the weight decay of AdamW (Loshchilov & Hutter, "Decoupled Weight Decay
-    Regularization", ICLR 2019). It never enters the loss or the gradients: an L2 term in
-    the loss is rescaled by Adam's per-coordinate normalisation, so weights with large
-    gradient history are decayed less than others, which is not what "weight decay" means.
-    Under plain SGD the two coincide (`L2(λ/2)` ≡ `DecoupledWeightDecay(λ)`, the paper's
-    Proposition 1); under adaptive optimizers they do not.
-
-    The decay is applied to the pre-update weights, before the optimizer's step, as Keras
-    (`AdamW`), PyTorch and optax do.
-
-    Args:
-      rate: the decay rate (Keras' `weight_decay`), non-negative.
-      coupling: how the rate is scaled per step:
-        `"learning_rate"` (default; Keras, PyTorch, optax): `lr_t · rate`;
-        `"schedule"` (the paper): `η_t · rate`, η_t the learning-rate schedule's multiplier;
-        `"absolute"` (TF-Addons' `DecoupledWeightDecayExtension`): `rate`.
-      **selection: `include`, `exclude` (by default variables with ndim ≥ 2: kernels, not
-        biases or normalization scales), `name`; see `Penalty`.
-    """
-
-    rate = Strength()
-    has_update = True
-
-    def __init__(self, rate: float = 0.004, *, coupling: str = "learning_rate", **selection: Any):
-        super().__init__(**selection)
-        self.coupling = check_choice("coupling", coupling, COUPLINGS)
-        self.rate = rate
-
-    def default_selection(self, variable: Any) -> bool:
-        return len(variable.shape) >= 2
-
-    def decay(self, context: StepContext) -> tf.Tensor:
-        """The multiplicative decay applied this step (`lr_t · rate` by default)."""
-        rate = tf.convert_to_tensor(self.rate, tf.float32)
-        if self.coupling == "learning_rate":
-            return tf.cast(context.learning_rate, tf.float32) * rate
-        if self.coupling == "schedule":
-            return tf.cast(context.schedule_multiplier, tf.float32) * rate
-        return rate
-
-    def update(self, variables: Sequence[Any], context: StepContext) -> None:
-        decay = self.decay(context)
-        for v in variables:
-            v.assign_sub(tf.cast(decay, v.dtype) * v)
-
-    def params(self) -> dict[str, Any]:
-        params = super().params()
-        if self.coupling != "learning_rate":
-            params["coupling"] = self.coupling
-        return params

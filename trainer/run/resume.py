@@ -5,33 +5,33 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import keras
-
 from trainer.errors import ConfigError
+from trainer.optimizers import inner, learning_rate_setting
 
 # Options recorded with a run; a new value on resume is in force, and logged.
 _RECORDED_OPTIONS = (
-    "batch_size", "seed", "steps_per_loop", "eval_every", "checkpoint_every", "summary_every",
-    "train_steps", "lr_schedule", "warmup_steps", "end_learning_rate", "clip_global_norm",
-    "accumulate_steps", "ema_decay",
-)  # fmt: skip
-
-
-def _learning_rate(optimizer: Any) -> Any:
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    rate = inner._learning_rate  # the schedule or the variable, before evaluation
-    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
-        return repr(keras.optimizers.schedules.serialize(rate))
-    return float(f"{float(rate.numpy()):.7g}")
+    "batch_size",
+    "seed",
+    "steps_per_loop",
+    "eval_every",
+    "checkpoint_every",
+    "summary_every",
+    "train_steps",
+    "lr_schedule",
+    "warmup_steps",
+    "end_learning_rate",
+    "clip_global_norm",
+    "accumulate_steps",
+    "ema_decay",
+)
 
 
 def settings(trainer: Any) -> dict[str, Any]:
     """What a resumed run is compared on: the optimizer's class and learning rate (or its
     schedule), the recorded options, and each penalty's parameters by name."""
-    inner = getattr(trainer.optimizer, "inner_optimizer", trainer.optimizer)
     return {
-        "optimizer": type(inner).__name__,
-        "learning_rate": _learning_rate(trainer.optimizer),
+        "optimizer": type(inner(trainer.optimizer)).__name__,
+        "learning_rate": learning_rate_setting(trainer.optimizer),
         **{name: getattr(trainer.options, name) for name in _RECORDED_OPTIONS},
         "penalties": {p.name: _penalty(p) for p in trainer.penalties},
     }

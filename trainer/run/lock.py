@@ -11,8 +11,8 @@ import uuid
 import tensorflow as tf
 from absl import logging
 
-from trainer import files
 from trainer.errors import ConfigError
+from trainer.run import files
 
 NAME = "tapeloop.lock"
 # A lock held from another host is judged stale when its holder has not refreshed it for this
@@ -58,9 +58,16 @@ class RunLock:
         return not isinstance(updated, (int, float)) or time.time() - updated > STALE_AFTER_S
 
     def _write(self) -> None:
-        files.write_json(self.path, {"host": socket.gethostname(), "pid": os.getpid(),
-                                     "since": self._since, "updated": time.time(),
-                                     "token": self._token})  # fmt: skip
+        files.write_json(
+            self.path,
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "since": self._since,
+                "updated": time.time(),
+                "token": self._token,
+            },
+        )
         self._refreshed = time.monotonic()
 
     def acquire(self) -> None:
@@ -80,8 +87,12 @@ class RunLock:
                 f"remove {self.path} if it is gone."
             )
         if isinstance(holder, dict) and holder:
-            logging.warning("Taking over the stale lock of pid %s on %s (since %s).",
-                            holder.get("pid"), holder.get("host"), holder.get("since"))  # fmt: skip
+            logging.warning(
+                "Taking over the stale lock of pid %s on %s (since %s).",
+                holder.get("pid"),
+                holder.get("host"),
+                holder.get("since"),
+            )
         self._since = datetime.datetime.now().isoformat(timespec="seconds")
         self._write()
         if (files.read_json(self.path) or {}).get("token") != self._token:

@@ -9,15 +9,16 @@ import typing
 import tensorflow as tf
 from absl import app, flags, logging
 
-from trainer import files, registry
-from trainer.controller import Preempted
+from trainer.cli import registry
+from trainer.cli.sweep import parse_sweep, run_sweep
 from trainer.distribution import PeerTimeout
 from trainer.errors import ConfigError
 from trainer.options import CHOICES, TrainerOptions, field_docs
-from trainer.progress import format_losses
-from trainer.signals import INTERRUPTED_EXIT_STATUS
-from trainer.summaries import write_text
-from trainer.sweep import parse_sweep, run_sweep
+from trainer.run import files
+from trainer.run.controller import Preempted
+from trainer.run.progress import format_losses
+from trainer.run.signals import INTERRUPTED_EXIT_STATUS
+from trainer.run.summaries import write_text
 
 _TASK = flags.DEFINE_string("task", "synthetic", "Registered task to run.")
 _PENALTY = flags.DEFINE_multi_string(

@@ -12,9 +12,9 @@ from typing import Any
 import tensorflow as tf
 from absl import logging
 
-from trainer import files
 from trainer.errors import ConfigError
-from trainer.selection import variable_path
+from trainer.penalties.selection import variable_path
+from trainer.run import files
 
 METADATA = "tapeloop.json"
 
@@ -119,8 +119,11 @@ class Checkpointer:
         if saved.get("variables") != self._metadata["variables"]:
             before = dict(saved.get("variables", []))
             now = dict(self._metadata["variables"])
-            diffs = [f"{p}: {before.get(p)} -> {now.get(p)}" for p in {*before, *now}
-                     if before.get(p) != now.get(p)]  # fmt: skip
+            diffs = [
+                f"{p}: {before.get(p)} -> {now.get(p)}"
+                for p in {*before, *now}
+                if before.get(p) != now.get(p)
+            ]
             raise ConfigError(
                 f"`model_dir` ({self.directory!r}) holds a different model "
                 f"({'; '.join(sorted(diffs)[:3])}); use another --model_dir."
@@ -161,8 +164,11 @@ class Checkpointer:
         )
         logging.warning(
             "The 'checkpoint' state file in %s was missing or damaged; rebuilt it from the files "
-            "(%s): resuming from %s, the newest readable.", self.directory, names, latest
-        )  # fmt: skip
+            "(%s): resuming from %s, the newest readable.",
+            self.directory,
+            names,
+            latest,
+        )
 
     def restore(self, resume_from: str | None = None) -> bool:
         """Restores `resume_from`, else the latest checkpoint; False when there is none.
@@ -189,9 +195,10 @@ class Checkpointer:
             hint = f"; rerun with --resume_from={good}" if good else "; no other one is readable"
             raise ConfigError(f"Checkpoint {path!r} is unreadable (damaged files){hint}.")
         present = {
-            key.split("/")[1] for key in _reader(path).get_variable_to_shape_map()
+            key.split("/")[1]
+            for key in _reader(path).get_variable_to_shape_map()
             if key.startswith("penalties/")
-        }  # fmt: skip
+        }
         try:
             restored = {n: v for n, v in self._penalties.items() if n in present}
             for root in (
@@ -209,8 +216,9 @@ class Checkpointer:
                 f"Checkpoint {path!r} does not match this run ({reason}); use another --model_dir."
             ) from None
         for name in sorted(set(self._penalties) - present):
-            logging.info("Penalty %s has no state in %s: it starts from its initial state.",
-                         name, path)  # fmt: skip
+            logging.info(
+                "Penalty %s has no state in %s: it starts from its initial state.", name, path
+            )
         logging.info("Restored %s", path)
         return True
 
@@ -233,8 +241,11 @@ class Checkpointer:
 
     def remove_temporary(self) -> list[str]:
         """Removes `ckpt-*_temp` folders a killed save left behind; returns their paths."""
-        stale = [p for p in tf.io.gfile.glob(files.join(self.directory, "ckpt-*_temp*"))
-                 if tf.io.gfile.isdir(p)]  # fmt: skip
+        stale = [
+            p
+            for p in tf.io.gfile.glob(files.join(self.directory, "ckpt-*_temp*"))
+            if tf.io.gfile.isdir(p)
+        ]
         for path in stale:
             tf.io.gfile.rmtree(path)
             logging.info("Removed %s, left by an interrupted save.", path)

@@ -5,20 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import keras
 import tensorflow as tf
 
-from trainer.penalties import Penalty, StepContext
-
-
-def initial_learning_rate(optimizer: keras.optimizers.Optimizer) -> tf.Tensor:
-    """The learning rate at step 0: the base of the paper's schedule multiplier η_t."""
-    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
-    lr = optimizer._learning_rate  # the schedule or the variable, before evaluation
-    if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
-        # A warmup starts at 0: its peak, the options' learning_rate, is the base.
-        lr = getattr(lr, "peak_learning_rate", None) or lr(0)
-    return tf.cast(tf.convert_to_tensor(lr), tf.float32)
+from trainer.optimizers import initial_learning_rate, is_loss_scaled
+from trainer.penalties.base import Penalty, StepContext
 
 
 class DecoupledUpdates:
@@ -37,7 +27,7 @@ class DecoupledUpdates:
     def __init__(self, updates: Sequence[tuple[Penalty, list[Any]]], optimizer: Any):
         self.updates = list(updates)
         self.optimizer = optimizer
-        self.loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        self.loss_scaled = is_loss_scaled(optimizer)
         self.initial_learning_rate = initial_learning_rate(optimizer)
 
     def __call__(self, gradients: Sequence[tf.Tensor | None]) -> None:

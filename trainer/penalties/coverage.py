@@ -7,8 +7,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from trainer import optimizers
 from trainer.errors import ConfigError
-from trainer.selection import variable_path
+from trainer.penalties.selection import variable_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +36,7 @@ def optimizer_decay(optimizer: Any, variables: Sequence[Any]) -> Coverage | None
     Keras optimizers all take `weight_decay` (`AdamW` defaults to 0.004, on every variable):
     the variables it decays are those `exclude_from_weight_decay` did not exclude.
     """
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    inner = optimizers.inner(optimizer)
     rate = getattr(inner, "weight_decay", None)
     if not rate:
         return None
@@ -106,8 +107,14 @@ def coverage_table(variables: Sequence[Any], coverages: Sequence[Coverage]) -> s
     rows = [("variable", "shape", "params", "penalties")]
     for v in variables:
         names = covering[id(v)]
-        rows.append((variable_path(v), str(tuple(v.shape)), f"{math.prod(v.shape):,}",
-                     ", ".join(names) if names else "-- none --"))  # fmt: skip
+        rows.append(
+            (
+                variable_path(v),
+                str(tuple(v.shape)),
+                f"{math.prod(v.shape):,}",
+                ", ".join(names) if names else "-- none --",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
 
     def line(row: tuple[str, ...]) -> str:

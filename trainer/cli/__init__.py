@@ -1,0 +1,1 @@
+"""The command line: flags, the task and penalty registries, sweeps."""

@@ -1,0 +1,1 @@
+"""What one optimizer step does: the `Trainer` (a task's hooks), the stages and the loop."""
