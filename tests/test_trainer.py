@@ -73,7 +73,7 @@ class SeedExamplesTest(tf.test.TestCase):
         data = np.mean(-np.sum(self.y * np.log(p), axis=1))
         penalty = 0.01 * np.sum(np.square(weights[0], dtype=np.float64))
         total, data_loss, keras_term = task.compute_losses(self.x, self.y)
-        self.assertEqual(task.loss_names, ["loss", "data_loss", "keras_regularizers"])
+        self.assertEqual(task.built.loss_names, ["loss", "data_loss", "keras_regularizers"])
         self.assertAllClose(data_loss, data, rtol=1e-5)
         self.assertAllClose(keras_term, penalty, rtol=1e-5)
         self.assertAllClose(total, data + penalty, rtol=1e-5)
@@ -228,7 +228,7 @@ class TrainerLoopTest(parameterized.TestCase, tf.test.TestCase):
             task.build()
         task = ArrayTask(x, y, penalties=[L2(0.1), L2(0.2, name="l2_again")])
         task.build()
-        self.assertEqual(task.loss_names[2:], ["penalty/l2", "penalty/l2_again"])
+        self.assertEqual(task.built.loss_names[2:], ["penalty/l2", "penalty/l2_again"])
 
     def test_non_penalty_is_rejected(self):
         with self.assertRaisesRegex(ConfigError, "Penalty objects, got 'l2'"):

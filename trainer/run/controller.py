@@ -204,7 +204,7 @@ class Controller:
         if opts.export_dir and trainer.is_chief:
 
             def export() -> None:
-                with trainer.techniques.averaged():  # the EMA of the weights, with ema_decay
+                with trainer.evaluated_weights():  # the EMA of the weights, with ema_decay
                     trainer.model.export(opts.export_dir, verbose=False)
 
             if not _writing(

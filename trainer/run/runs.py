@@ -96,7 +96,7 @@ class Watch:
     def _save_best(self, step: int) -> None:
         if self._manager is None:
             self._manager = tf.train.CheckpointManager(self._checkpoint(), self.best_dir, 1)
-        with self.trainer.techniques.averaged():  # what was evaluated: the EMA with ema_decay
+        with self.trainer.evaluated_weights():  # what was evaluated: the EMA with ema_decay
             self._manager.save(checkpoint_number=step)
         files.write_json(files.join(self.best_dir, "best.json"), self.best)
 

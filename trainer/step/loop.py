@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import tensorflow as tf
 from absl import logging
 from tensorflow.python.framework import config as tf_config  # no public determinism query
 
-from trainer.distribution import is_default
 from trainer.inputs import InMemoryBatches
 from trainer.optimizers import initial_learning_rate
+from trainer.options import TrainerOptions
 from trainer.run import summaries
+
+if TYPE_CHECKING:  # the Trainer module imports this one
+    from trainer.step.trainer import Built
 
 _CONVOLUTIONS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 
@@ -34,7 +37,7 @@ class TrainLoop:
 
     The batches come from the task's `train_arrays`, gathered in-graph from the step number
     (no strategy; the whole loop may then be one XLA computation), or else from an iterator
-    over `train_dataset` that the caller passes to `run`; each goes through the trainer's
+    over `train_dataset` that the caller passes to `run`; each goes through the task's
     `preprocess` inside the step, per replica. The loop stops early at a
     non-finite loss. With a summary writer, TensorBoard rows recorded every `summary_every`
     steps are written after the (possibly XLA-compiled) loop, in the same call.
@@ -43,32 +46,38 @@ class TrainLoop:
     new writer (a writer is captured when a function is traced) and when XLA is turned off.
 
     Args:
-      trainer: a built `Trainer`.
+      built: what `Trainer.build()` made: the model, optimizer, step and its stages.
+      options: the `TrainerOptions`.
+      strategy: the distribution strategy the step runs under.
+      arrays: the task's `train_arrays()` (in-memory data), or None for an iterator.
     """
 
-    def __init__(self, trainer: Any):
-        self.trainer = trainer
-        options = trainer.options
-        arrays = trainer.train_arrays() if is_default(trainer.strategy) else None
+    def __init__(
+        self,
+        built: Built,
+        options: TrainerOptions,
+        strategy: tf.distribute.Strategy,
+        arrays: Any = None,
+    ):
+        self.built, self.options, self.strategy = built, options, strategy
         self.batches = (
             None if arrays is None else InMemoryBatches(arrays, options.batch_size, options.seed)
         )
         self._eager = not options.use_tf_function
+        step = built.replica_step
         self._step_fn = (
-            self._train_step
-            if self._eager
-            else tf.function(self._train_step, jit_compile=options.jit_compile is True)
+            step if self._eager else tf.function(step, jit_compile=options.jit_compile is True)
         )
-        self._initial_lr = initial_learning_rate(trainer.optimizer)
-        self._tags = summaries.step_tags(trainer.loss_names, trainer.selections)
-        self._tags += trainer.techniques.summary_tags()  # grad_norm when clipping
+        self._initial_lr = initial_learning_rate(built.optimizer)
+        self._tags = summaries.step_tags(built.loss_names, built.selections)
+        self._tags += built.chain.summary_tags()  # grad_norm when clipping
         self.writer: tf.summary.SummaryWriter | None = None
         self._input_wait_s: float | None = None
         self._writer_dir: str | None = None
         # The most steps one call records summary rows for, which sizes the row buffer: no
         # loop runs past `train_steps`, however large `steps_per_loop` is.
         self._row_steps = min(options.steps_per_loop, options.train_steps)
-        self._make(xla=self.in_memory and use_xla(options.jit_compile, trainer.model))
+        self._make(xla=self.in_memory and use_xla(options.jit_compile, built.model))
 
     @property
     def in_memory(self) -> bool:
@@ -101,7 +110,7 @@ class TrainLoop:
 
     def set_summary_dir(self, directory: str | None) -> bool:
         """Writes TensorBoard scalars to `directory` (None: none); True if a writer was made."""
-        if not self.trainer.options.summary_every or directory == self._writer_dir:
+        if not self.options.summary_every or directory == self._writer_dir:
             return False
         if self.writer is not None:
             self.writer.close()
@@ -118,7 +127,7 @@ class TrainLoop:
           iterator: the batches, unless `in_memory`.
 
         Returns:
-          The mean loss breakdown over the steps run (by `trainer.loss_names`), and the step
+          The mean loss breakdown over the steps run (by `built.loss_names`), and the step
           reached. If XLA was chosen automatically and cannot compile the loop, it is run
           again without XLA, with a warning. With a writer, a call longer than
           `min(steps_per_loop, train_steps)` (the options changed) retraces the loop with a
@@ -133,7 +142,7 @@ class TrainLoop:
         try:
             means, step, wait = self._loop_fn(iterator, steps)
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as e:
-            if not (self._xla and self.trainer.options.jit_compile is None):
+            if not (self._xla and self.options.jit_compile is None):
                 raise
             logging.warning(
                 "XLA could not compile the train loop; running without it: %s",
@@ -142,7 +151,7 @@ class TrainLoop:
             self._make(xla=False)
             means, step, wait = self._loop_fn(iterator, steps)
         self._input_wait_s = float(wait) if self._timed else None
-        names = self.trainer.loss_names
+        names = self.built.loss_names
         return {name: float(v) for name, v in zip(names, means.numpy())}, int(step)
 
     def _make(self, xla: bool) -> None:
@@ -150,9 +159,6 @@ class TrainLoop:
         self._timed = not self.in_memory and not tf_config.is_op_determinism_enabled()
         self._steps_fn = tf.function(self._steps, jit_compile=True) if self._xla else self._steps
         self._loop_fn = self._loop if self._eager else tf.function(self._loop)
-
-    def _train_step(self, batch: Any) -> list[tf.Tensor]:
-        return self.trainer.train_step(self.trainer.preprocess(*batch))
 
     def _loop(self, iterator: Any, num_steps: tf.Tensor) -> tuple[tf.Tensor, ...]:
         """The steps, then the TensorBoard rows they recorded (outside XLA); returns the mean
@@ -162,7 +168,7 @@ class TrainLoop:
             with self.writer.as_default():
                 summaries.write_rows(self._tags, rows, row_steps, count)
         means = sums / tf.maximum(tf.cast(done, tf.float32), 1.0)
-        return means, self.trainer.step_counter.read_value(), wait
+        return means, self.built.step_counter.read_value(), wait
 
     def _steps(self, iterator: Any, num_steps: tf.Tensor) -> tuple[tf.Tensor, ...]:
         """The while_loop: batches from `iterator`, or in-graph from the in-memory data.
@@ -173,11 +179,11 @@ class TrainLoop:
         the loss breakdown, the seconds spent in the iterator's `get_next` (see
         `_timed_next`), and the summary rows recorded every `summary_every` steps.
         """
-        trainer = self.trainer
-        every = trainer.options.summary_every
+        built = self.built
+        every = self.options.summary_every
         record = self.writer is not None
         capacity = self._row_steps // every + 1 if record else 1  # else one unused row
-        counter = trainer.step_counter
+        counter = built.step_counter
         start = counter.read_value()
         in_memory, timed = self.in_memory, self._timed
         cached = not self._xla  # see InMemoryBatches.indices
@@ -196,7 +202,7 @@ class TrainLoop:
                 wait += waited
             else:
                 batch = next(iterator)
-            per_replica = trainer.strategy.run(self._step_fn, args=(batch,))
+            per_replica = self.strategy.run(self._step_fn, args=(batch,))
             losses = tf.stack(self._reduce(per_replica))
             if record:
                 rows, row_steps, count = tf.cond(
@@ -215,7 +221,7 @@ class TrainLoop:
             [
                 tf.constant(0),
                 tf.constant(True),
-                tf.zeros([len(trainer.loss_names)]),
+                tf.zeros([len(built.loss_names)]),
                 tf.constant(0.0, tf.float64),
                 indices,
                 tf.zeros([capacity, len(self._tags)]),
@@ -230,11 +236,11 @@ class TrainLoop:
         """Adds this step's TensorBoard values as row `count`."""
         values = summaries.step_values(
             losses,
-            tf.cast(self.trainer.optimizer.learning_rate, tf.float32),
+            tf.cast(self.built.optimizer.learning_rate, tf.float32),
             self._initial_lr,
-            self.trainer.selections,
+            self.built.selections,
         )
-        extra = self.trainer.techniques.summary_values()
+        extra = self.built.chain.summary_values()
         values = tf.concat([values, tf.stack(extra)], axis=0) if extra else values
         rows = tf.tensor_scatter_nd_update(rows, [[count]], values[tf.newaxis])
         row_steps = tf.tensor_scatter_nd_update(row_steps, [[count]], [step])
@@ -243,7 +249,7 @@ class TrainLoop:
     def _reduce(self, per_replica: list[Any]) -> list[tf.Tensor]:
         """Global values: total and data loss summed over replicas (each holds its share of
         the global mean), penalty terms averaged (each replica holds the whole term)."""
-        strategy = self.trainer.strategy
+        strategy = self.strategy
         total, data, *terms = per_replica
         sum_, mean = tf.distribute.ReduceOp.SUM, tf.distribute.ReduceOp.MEAN
         return [

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import keras
@@ -12,16 +14,47 @@ from absl import logging
 from trainer.distribution import check_jit_compile, is_chief, is_default, make_strategy
 from trainer.errors import ConfigError
 from trainer.inputs import InMemoryBatches
-from trainer.numerics import upstream_after
 from trainer.optimizers import check_optimizer, learning_rate_for, make_optimizer, with_loss_scale
 from trainer.options import TrainerOptions, options_with
 from trainer.penalties.base import Penalty, check_loss_term
-from trainer.penalties.coverage import coverage, coverage_table
+from trainer.penalties.coverage import Coverage, coverage, coverage_table
 from trainer.run.controller import Controller, TrainResult
 from trainer.run.hooks import Hooks
+from trainer.step.chain import Chain, build_chain, techniques_line
 from trainer.step.loop import TrainLoop
-from trainer.step.techniques import Techniques
-from trainer.step.updates import DecoupledUpdates
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+    """What `Trainer.build()` makes: the engine's parts, handed to the loop and controller.
+
+    Attributes:
+      model: the Keras model.
+      optimizer: the optimizer (a `LossScaleOptimizer` under mixed_float16).
+      variables: the trainable variables, in the gradients' order.
+      selections: `(penalty, selected variables)` pairs, in the penalties' order.
+      loss_penalties: the pairs of the penalties with a loss term.
+      coverage: what acts on which variable (`penalties.coverage`), for the table.
+      chain: the stages of one optimizer step (`chain.build_chain`).
+      metrics: the task's evaluation metrics by name.
+      loss_names: the loss breakdown's names: `loss`, `data_loss`, `penalty/<name>`, ...
+      step_counter: the optimizer steps done (an int64 variable).
+      replica_step: one step on one replica's batch as stored (preprocess, then the chain).
+      eval_step: one evaluation batch -> `[loss sum, examples]` (updates `metrics`).
+    """
+
+    model: keras.Model
+    optimizer: keras.optimizers.Optimizer
+    variables: list[Any]
+    selections: list[tuple[Penalty, list[Any]]]
+    loss_penalties: list[tuple[Penalty, list[Any]]]
+    coverage: list[Coverage]
+    chain: Chain
+    metrics: dict[str, keras.metrics.Metric]
+    loss_names: list[str]
+    step_counter: tf.Variable
+    replica_step: Callable[[Any], list[tf.Tensor]]
+    eval_step: Callable[[Any], tf.Tensor]
 
 
 class Trainer(Hooks):
@@ -51,6 +84,10 @@ class Trainer(Hooks):
     Raises:
       ConfigError: `penalties` holds something else than a `Penalty`, or `jit_compile=True`
         with several replicas on logical CPUs.
+
+    What `build()` makes (model, optimizer, the step's stages, ...) is held in one `Built`
+    object (`built`), not in attributes of the task: a task's own fields are never
+    overwritten.
     """
 
     registered_name: ClassVar[str | None] = None
@@ -75,10 +112,9 @@ class Trainer(Hooks):
             if not isinstance(p, Penalty):
                 raise ConfigError(f"`penalties` must hold Penalty objects, got {p!r}.")
         self.penalties = list(penalties)
-        self.optimizer: keras.optimizers.Optimizer | None = None
-        self.step_counter: tf.Variable | None = None
-        self._model: keras.Model | None = None
-        self._loop: TrainLoop | None = None
+        # The engine's parts, in name-mangled slots that a task's own fields cannot clash with.
+        self.__built: Built | None = None
+        self.__loop: TrainLoop | None = None
 
     @classmethod
     def make_options(cls, **overrides: Any) -> TrainerOptions:
@@ -146,20 +182,31 @@ class Trainer(Hooks):
     # ---- building ----------------------------------------------------------------------
 
     @property
+    def built(self) -> Built:
+        """What `build()` made (building on first access)."""
+        if self.__built is None:
+            self.build()
+        return self.__built
+
+    @property
     def model(self) -> keras.Model:
         """The model, built (with its penalties resolved) on first access."""
-        if self._model is None:
-            self.build()
-        return self._model
+        return self.built.model
+
+    @property
+    def optimizer(self) -> keras.optimizers.Optimizer:
+        """The optimizer (a `LossScaleOptimizer` under mixed_float16), built on first access."""
+        return self.built.optimizer
 
     def build(self) -> None:
-        """Seeds, builds the model, optimizer and metrics, and resolves every penalty's variables.
+        """Seeds, builds the model, optimizer, metrics and the step's stages, and resolves
+        every penalty's variables; a second call does nothing.
 
         Raises:
           ConfigError: a penalty's selection is empty or its regex matches nothing; two
             penalties share a name; a variable would be decayed twice.
         """
-        if self._model is not None:
+        if self.__built is not None:
             return
         names = [p.name for p in self.penalties]
         duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -167,40 +214,44 @@ class Trainer(Hooks):
             raise ConfigError(
                 f"Two penalties are named {duplicates[0]!r}; pass name=... to tell them apart."
             )
-        if self.options.deterministic:
+        opts = self.options
+        if opts.deterministic:
             tf.config.experimental.enable_op_determinism()
-        keras.utils.set_random_seed(self.options.seed)
+        keras.utils.set_random_seed(opts.seed)
         with self.strategy.scope():
             model = _build_model_with_policy(self)
             trainable = list(model.trainable_variables)
-            self.selections = [(p, p.select(trainable)) for p in self.penalties]
-            for penalty, variables in self.selections:
+            selections = [(p, p.select(trainable)) for p in self.penalties]
+            for penalty, variables in selections:
                 penalty.build(variables)
-            self.optimizer = with_loss_scale(self.build_optimizer(), self.options.mixed_precision)
-            check_optimizer(self.optimizer, self.options, type(self).__name__)
-            self.optimizer.build(trainable)  # before the first step: needed under strategies
-            self.techniques = Techniques(self.options, self.optimizer, trainable)
-        self.trainable_variables = trainable
-        self.coverage = coverage(self.selections, self.optimizer, trainable)  # checks decays
-        self._loss_penalties = [(p, v) for p, v in self.selections if p.has_loss]
-        for penalty, variables in self._loss_penalties:  # once, eagerly: a bad term named here
+            optimizer = with_loss_scale(self.build_optimizer(), opts.mixed_precision)
+            check_optimizer(optimizer, opts, type(self).__name__)
+            optimizer.build(trainable)  # before the first step: needed under strategies
+            chain = build_chain(opts, optimizer, trainable, self.compute_losses, selections)
+            step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        covered = coverage(selections, optimizer, trainable)  # checks decays
+        loss_penalties = [(p, v) for p, v in selections if p.has_loss]
+        for penalty, variables in loss_penalties:  # once, eagerly: a bad term named here
             check_loss_term(penalty, penalty.loss(variables))
-        self._updates = DecoupledUpdates(
-            [(p, v) for p, v in self.selections if p.has_update], self.optimizer
-        )
-        self._loss_scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
-        # Evaluation runs outside the replicas (cross-replica context), with plain metrics.
-        self.metrics = self.build_metrics()
-        self.loss_names = (
-            ["loss", "data_loss"]
-            + [f"penalty/{p.name}" for p, _ in self._loss_penalties]
-            + (["keras_regularizers"] if model.losses else [])
-        )
-        self.step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-        self._model = model
-        use_function = self.options.use_tf_function
-        self._eval_step = (
-            tf.function(self._evaluate_batch) if use_function else self._evaluate_batch
+        use_function = opts.use_tf_function
+        self.__built = Built(
+            model=model,
+            optimizer=optimizer,
+            variables=trainable,
+            selections=selections,
+            loss_penalties=loss_penalties,
+            coverage=covered,
+            chain=chain,
+            # Evaluation runs outside the replicas (cross-replica context), with plain metrics.
+            metrics=self.build_metrics(),
+            loss_names=(
+                ["loss", "data_loss"]
+                + [f"penalty/{p.name}" for p, _ in loss_penalties]
+                + (["keras_regularizers"] if model.losses else [])
+            ),
+            step_counter=step_counter,
+            replica_step=lambda batch: self.train_step(self.preprocess(*batch)),
+            eval_step=tf.function(self._evaluate_batch) if use_function else self._evaluate_batch,
         )
         logging.info(
             "%s on %s with %d replica(s); penalty coverage:\n%s",
@@ -213,22 +264,28 @@ class Trainer(Hooks):
     @property
     def train_loop(self) -> TrainLoop:
         """The compiled multi-step loop (`loop.TrainLoop`), made on first access."""
-        if self._loop is None:
-            self.model  # noqa: B018
-            self._loop = TrainLoop(self)
-        return self._loop
+        if self.__loop is None:
+            arrays = self.train_arrays() if is_default(self.strategy) else None
+            self.__loop = TrainLoop(self.built, self.options, self.strategy, arrays)
+        return self.__loop
 
     def penalty_table(self) -> str:
-        """What covers each trainable variable: penalties, the optimizer's decay, or nothing."""
-        self.model  # noqa: B018 -- resolves the selections
-        return coverage_table(self.trainable_variables, self.coverage) + self.techniques.describe()
+        """What covers each trainable variable (penalties, the optimizer's decay, Keras
+        constraints, or nothing), then the techniques on and the step's stages in order."""
+        built = self.built
+        return (
+            coverage_table(built.variables, built.coverage)
+            + techniques_line(self.options)
+            + "\nstep: "
+            + built.chain.describe()
+        )
 
     # ---- state -------------------------------------------------------------------------
 
     @property
     def step(self) -> int:
         """Optimizer steps trained so far (restored ones included)."""
-        return 0 if self.step_counter is None else int(self.step_counter.numpy())
+        return 0 if self.__built is None else int(self.__built.step_counter.numpy())
 
     @property
     def is_chief(self) -> bool:
@@ -238,20 +295,22 @@ class Trainer(Hooks):
     def checkpoint_objects(self) -> dict[str, Any]:
         """What a checkpoint holds besides the model's variables and penalty state: the
         optimizer's variables but its learning rate (the rate given now is in force on
-        resume), and the step."""
-        variables = self.optimizer.variables
+        resume), the step, and the stages' state (the EMA, keyed by weight path)."""
+        built = self.built
+        variables = built.optimizer.variables
         return {
             "optimizer_variables": [v for v in variables if not v.path.endswith("/learning_rate")],
-            "step": self.step_counter,
-            **self.techniques.checkpoint_objects(),  # the EMA, keyed by weight path
+            "step": built.step_counter,
+            **built.chain.checkpoint_objects(),
         }
 
     def _state_variables(self) -> list[Any]:
+        built = self.built
         return [
-            *self.model.variables,
-            *self.optimizer.variables,
-            self.step_counter,
-            *self.techniques.state_variables,
+            *built.model.variables,
+            *built.optimizer.variables,
+            built.step_counter,
+            *built.chain.state_variables(),
         ]
 
     def get_state(self) -> list[Any]:
@@ -263,14 +322,20 @@ class Trainer(Hooks):
         for variable, value in zip(self._state_variables(), values, strict=True):
             variable.assign(value)
 
+    def evaluated_weights(self) -> contextlib.AbstractContextManager:
+        """A context within which the model holds the weights evaluated and exported: the
+        EMA's with `ema_decay`, else the trained ones; these are put back after."""
+        return self.built.chain.evaluated()
+
     # ---- the step ----------------------------------------------------------------------
 
     def compute_losses(self, features: Any, labels: Any, training: bool = True) -> list[tf.Tensor]:
-        """The loss breakdown in `loss_names` order: total, data loss, each penalty term.
+        """The loss breakdown in `built.loss_names` order: total, data loss, each penalty term.
 
         Call it under a `GradientTape`: the total is what gradients are taken of.
         """
-        outputs = _float32(self.model(features, training=training))
+        built = self.built
+        outputs = _float32(built.model(features, training=training))
         per_example = tf.cast(self.compute_loss(labels, outputs), tf.float32)
         if per_example.shape.rank != 1:
             raise ValueError(
@@ -278,34 +343,24 @@ class Trainer(Hooks):
                 f"[batch], got shape {per_example.shape}."
             )
         data_loss = tf.nn.compute_average_loss(per_example)
-        terms = [p.loss(v) for p, v in self._loss_penalties]
-        if self.model.losses:
-            terms.append(tf.add_n([tf.cast(x, tf.float32) for x in self.model.losses]))
+        terms = [p.loss(v) for p, v in built.loss_penalties]
+        if built.model.losses:
+            terms.append(tf.add_n([tf.cast(x, tf.float32) for x in built.model.losses]))
         penalty = tf.add_n(terms) if terms else tf.constant(0.0)
         total = data_loss + tf.nn.scale_regularization_loss(penalty)
         return [total, data_loss, *terms]
 
     def train_step(self, batch: Any) -> list[tf.Tensor]:
-        """One optimizer step on this replica's share of `batch`; returns the loss breakdown.
-
-        Gradients (over `accumulate_steps` micro-batches) → clip → decoupled updates → the
-        optimizer's update → EMA: see `techniques.Techniques`."""
-        if self.options.accumulate_steps > 1:
-            gradients, losses = self.techniques.accumulate(self, batch)
-        else:
-            with tf.GradientTape() as tape:
-                losses = self.compute_losses(*batch)
-                loss = self.optimizer.scale_loss(losses[0]) if self._loss_scaled else losses[0]
-            gradients = tape.gradient(loss, self.trainable_variables, upstream_after(losses[2:]))
-        self.techniques.apply(gradients, self._updates)
-        return losses
+        """One optimizer step on this replica's share of `batch` (preprocessed); returns the
+        loss breakdown. The step is the chain of stages in `chain.build_chain`'s order."""
+        return self.built.chain(batch)
 
     # ---- evaluation and training -------------------------------------------------------
 
     def _evaluate_batch(self, batch: Any) -> tf.Tensor:
         features, labels = self.preprocess(*batch)
-        outputs = _float32(self.model(features, training=False))
-        for metric in self.metrics.values():
+        outputs = _float32(self.built.model(features, training=False))
+        for metric in self.built.metrics.values():
             metric.update_state(labels, outputs)
         per_example = tf.cast(self.compute_loss(labels, outputs), tf.float32)
         return tf.stack([tf.reduce_sum(per_example), tf.cast(tf.size(per_example), tf.float32)])
@@ -313,19 +368,19 @@ class Trainer(Hooks):
     def evaluate(self, dataset: tf.data.Dataset | None = None) -> dict[str, float]:
         """Data loss (mean per example) and metrics over `dataset` (default `eval_dataset()`),
         whose batches go through `preprocess`, with the EMA weights under `ema_decay`."""
-        self.model  # noqa: B018
+        built = self.built
         dataset = dataset if dataset is not None else self.eval_dataset()
         if dataset is None:
             return {}
-        for metric in self.metrics.values():
+        for metric in built.metrics.values():
             metric.reset_state()
         total = tf.zeros([2])
-        with self.techniques.averaged():  # the EMA of the weights, with ema_decay
+        with self.evaluated_weights():  # the EMA of the weights, with ema_decay
             for batch in dataset:
-                total += self._eval_step(batch)
+                total += built.eval_step(batch)
         loss_sum, count = total.numpy()
         results = {"loss": float(loss_sum / max(count, 1.0))}
-        results.update({k: float(m.result()) for k, m in self.metrics.items()})
+        results.update({k: float(m.result()) for k, m in built.metrics.items()})
         return results
 
     def distribute(self, dataset: tf.data.Dataset) -> Any:

@@ -1,4 +1,4 @@
-"""Penalties' direct weight updates inside the train step: once per step, skipped with it."""
+"""Stage 3, before the update: penalties' direct weight updates (decoupled weight decay)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import tensorflow as tf
 
 from trainer.optimizers import initial_learning_rate, is_loss_scaled
 from trainer.penalties.base import Penalty, StepContext
+from trainer.step.stage import Stage, StepState
 
 
-class DecoupledUpdates:
-    """Runs penalties' direct updates once per optimizer step, inside the train step.
+class PenaltyUpdates(Stage):
+    """Runs penalties' `update()` once per optimizer step, before the optimizer's update.
 
     The updates run in cross-replica context (`merge_call`), so mirrored variables get one
     identical update whatever the number of replicas, at this step's learning rate (read
@@ -24,16 +25,20 @@ class DecoupledUpdates:
       optimizer: the optimizer whose learning rate couples the decay.
     """
 
+    phase = "before_update"
+
     def __init__(self, updates: Sequence[tuple[Penalty, list[Any]]], optimizer: Any):
         self.updates = list(updates)
         self.optimizer = optimizer
         self.loss_scaled = is_loss_scaled(optimizer)
         self.initial_learning_rate = initial_learning_rate(optimizer)
 
-    def __call__(self, gradients: Sequence[tf.Tensor | None]) -> None:
-        """Applies every update; `gradients` tell whether the optimizer will skip the step."""
-        if not self.updates:
-            return
+    def describe(self) -> str:
+        return ", ".join(p.name for p, _ in self.updates)
+
+    def __call__(self, state: StepState) -> None:
+        """Applies every update; the gradients tell whether the optimizer will skip the step."""
+        gradients = state.gradients
         lr = tf.cast(self.optimizer.learning_rate, tf.float32)
         replica = tf.distribute.get_replica_context()
         nonfinite = tf.constant(0.0)  # replicas whose gradients are not finite
