@@ -24,6 +24,7 @@ from trainer import (
     learning_rate_for,
 )
 from trainer.distribution import make_strategy
+from trainer.step.clipping import Clipping
 
 ALL = lambda v: True  # noqa: E731 -- Keras' optimizers decay every variable by default
 OPTIMIZERS = {
@@ -183,7 +184,7 @@ class ClipTest(TechniqueTestBase):
                         strategy=make_strategy("mirrored", cpu_replicas=2))  # fmt: skip
         two.train()
         self.assert_near(two.model.get_weights(), one, 1e-5)
-        self.assertGreater(float(next(s for s in two.built.chain if hasattr(s, "grad_norm")).grad_norm.numpy()), clip)
+        self.assertGreater(float(two.built.chain.stage(Clipping).grad_norm.numpy()), clip)
         unclipped, _ = self.run_task(OPTIMIZERS["adam"], [L2(0.05)])
         self.assert_apart(unclipped, one, 1e-3)
 

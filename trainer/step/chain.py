@@ -68,6 +68,10 @@ class Chain:
     def __iter__(self) -> Iterator[Stage]:
         return iter(self.stages)
 
+    def stage(self, kind: type[Stage]) -> Any:
+        """The first stage that is a `kind`, or None when no such stage is on."""
+        return next((s for s in self.stages if isinstance(s, kind)), None)
+
     def describe(self) -> str:
         """The stages in order, one line: `gradients -> clip_global_norm=1 -> ...`."""
         return " -> ".join(d for d in (s.describe() for s in self.stages) if d)
