@@ -254,6 +254,36 @@ def decayed_rows(table: str) -> set[str]:
             or line.endswith("optimizer_weight_decay")}  # fmt: skip
 
 
+class TaskFieldsTest(tf.test.TestCase):
+    """The engine lives in the `Built` object, not in attributes of the user's task."""
+
+    # Every attribute an older build() set on the task, and the engine's parts' names.
+    ENGINE_NAMES = (
+        "metrics", "techniques", "selections", "coverage", "step_counter", "loss_names",
+        "trainable_variables", "chain", "variables", "loss_penalties", "replica_step",
+        "eval_step", "_model", "_loop", "_updates", "_loss_penalties", "_loss_scaled",
+        "_eval_step",
+    )  # fmt: skip
+
+    def test_build_and_train_set_no_attribute_on_the_task(self):
+        x, y = regression_data(n=32)
+        task = ArrayTask(x, y, TrainerOptions(batch_size=8, train_steps=4, eval_every=2),
+                         penalties=[L2(1e-3), DecoupledWeightDecay(1e-3)])  # fmt: skip
+        for name in self.ENGINE_NAMES:
+            setattr(task, name, f"the task's own {name}")
+        before = dict(vars(task))
+        task.build()
+        task.train()
+        task.evaluate(tf.data.Dataset.from_tensor_slices((x, y)).batch(8))
+        self.assertEqual(sorted(vars(task)), sorted(before))  # no attribute added
+        for name in self.ENGINE_NAMES:  # and none of the task's overwritten
+            self.assertIs(getattr(task, name), before[name], name)
+        # The engine's parts are reachable through the one typed object.
+        self.assertEqual(task.built.loss_names, ["loss", "data_loss", "penalty/l2"])
+        self.assertEqual(int(task.built.step_counter.numpy()), 4)
+        self.assertIs(task.model, task.built.model)
+
+
 class DecayVisibilityTest(parameterized.TestCase, tf.test.TestCase):
     """Every decay shows in the penalty table, none is doubled (the optimizer's own included)."""
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tensorflow as tf
@@ -11,6 +11,9 @@ from absl import logging
 
 from trainer.distribution import is_default
 from trainer.errors import ConfigError
+
+if TYPE_CHECKING:  # the Trainer module imports this one
+    from trainer.step.trainer import Trainer
 
 _ROUNDS = 4  # Feistel rounds: 4 make a pseudo-random permutation (Luby & Rackoff)
 
@@ -153,7 +156,7 @@ def physical_memory() -> int:
         return 0
 
 
-def read_to_memory(dataset: tf.data.Dataset, trainer: Any) -> Any | None:
+def read_to_memory(dataset: tf.data.Dataset, trainer: Trainer) -> Any | None:
     """`dataset`'s examples as NumPy arrays, as stored, if they fit in memory; else None.
 
     They fit when their size, known before reading (the element spec's bytes times the
