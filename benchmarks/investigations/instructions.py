@@ -9,8 +9,8 @@ Usage (from the repository root, with the project installed and valgrind on the 
 
     # ~75 min on 2 CPU cores (XLA compiles slowly under valgrind), writes callgrind.steps.*
     TF_CPP_MIN_LOG_LEVEL=2 valgrind --tool=callgrind --dump-before=getppid \\
-        --callgrind-out-file=callgrind.steps python benchmarks/instructions.py
-    python benchmarks/instructions.py --summarize callgrind.steps
+        --callgrind-out-file=callgrind.steps python benchmarks/investigations/instructions.py
+    python benchmarks/investigations/instructions.py --summarize callgrind.steps
 
 The run builds four seed-MLP loops (in memory, whole loop under XLA, one TensorFlow thread):
 the hand-written loop (`variants.HandArraysXla`), the same returning its mean loss, tapeloop's
@@ -37,7 +37,8 @@ def run(steps: int) -> None:
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    # The maintained benchmark's variants and workloads, one folder up.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from variants import HandArraysXla, Tapeloop
     from workloads import ArraysBenchTask, Workload, seed_mlp
 

@@ -5,10 +5,11 @@ Usage (from the repository root, with the project installed; JAX is not a depend
 tapeloop: install it into any virtual environment and name its Python):
 
     python3 -m venv /tmp/jax && /tmp/jax/bin/pip install jax optax
-    TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/jax_mlp.py --jax_python=/tmp/jax/bin/python
+    TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/investigations/jax_mlp.py \\
+        --jax_python=/tmp/jax/bin/python
     # ~2 min on 2 CPU cores; more rounds, the XLA programs' op counts, a per-kernel profile:
-    TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/jax_mlp.py --jax_python=/tmp/jax/bin/python \\
-        --rounds 7 --hlo --profile
+    TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/investigations/jax_mlp.py \\
+        --jax_python=/tmp/jax/bin/python --rounds 7 --hlo --profile
 
 The workload is the seed article's MLP (784-64(relu)-10), batch 128, Adam(1e-3), sparse
 cross-entropy from logits, on 8,192 random examples held in memory, 100 steps per call:
@@ -50,6 +51,7 @@ EXAMPLES, FEATURES, HIDDEN, CLASSES, BATCH, PER_CALL = 8192, 784, 64, 10, 128, 1
 TF_VARIANTS = ("tapeloop", "tapeloop_l2_dwd", "tf_matmuls")
 JAX_VARIANTS = ("jax", "jax_matmuls")
 HERE = os.path.dirname(os.path.abspath(__file__))
+BENCHMARKS = os.path.dirname(HERE)  # profiling.py, shared with the maintained tasks.py
 
 
 def data():
@@ -65,7 +67,7 @@ def data():
 
 def tf_variants() -> dict:
     """Name: a function running PER_CALL steps and waiting for them."""
-    sys.path.insert(0, os.path.dirname(HERE))
+    sys.path.insert(0, os.path.dirname(BENCHMARKS))  # the repository: its `trainer`
     import keras
     import tensorflow as tf
 
@@ -291,7 +293,7 @@ def main() -> None:
     parser.add_argument("--worker", choices=("tf", "jax"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        sys.path.insert(0, HERE)
+        sys.path.insert(0, BENCHMARKS)
         worker(args.worker, args.steps, args.reps, args.profile)
         return
     check = subprocess.run([args.jax_python, "-c", "import jax, optax"], capture_output=True)
