@@ -20,8 +20,9 @@ class Coverage:
       name: the short name in the `penalties` column (a penalty's `name`).
       description: the long form listed under the table (a penalty's `repr`).
       variables: the variables it acts on.
-      decays: whether it decays its variables directly (a decoupled penalty's update or the
-        optimizer's own `weight_decay`); two decays on one variable are an error.
+      decays: whether it decays its variables directly (a penalty with `decays`, such as
+        decoupled weight decay, or the optimizer's own `weight_decay`); two decays on one
+        variable are an error. Other direct updates (a max-norm projection) are not decays.
     """
 
     name: str
@@ -86,7 +87,7 @@ def coverage(
     Raises:
       ConfigError: a variable is decayed by two mechanisms (see `check_single_decay`).
     """
-    entries = [Coverage(p.name, repr(p), v, decays=p.has_update) for p, v in selections]
+    entries = [Coverage(p.name, repr(p), v, decays=p.decays) for p, v in selections]
     decay = optimizer_decay(optimizer, variables)
     entries += [decay] if decay else []
     check_single_decay(entries)
