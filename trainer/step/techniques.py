@@ -122,12 +122,14 @@ class Techniques:
         data = data_sum / k
         return total_grads, [data + penalty, data, *first_terms]
 
-    def apply(self, gradients: list[Any], updates: Any) -> None:
-        """Clip → decoupled `updates` → the optimizer's update → EMA."""
+    def apply(self, gradients: list[Any], updates: Any, projections: Any) -> None:
+        """Clip → decoupled `updates` → the optimizer's update → `projections` → EMA."""
         gradients = self.clip(gradients)
         updates(gradients)
-        before = tf.identity(self.optimizer.iterations.value) if self.averages else None
+        read = bool(self.averages) or projections.needs_iterations  # to tell a skipped step
+        before = tf.identity(self.optimizer.iterations.value) if read else None
         self.optimizer.apply_gradients(zip(gradients, self.variables))
+        projections(before)
         if self.averages:
             self._update_averages(before)
 

@@ -20,6 +20,7 @@ from trainer.penalties.coverage import coverage, coverage_table
 from trainer.run.controller import Controller, TrainResult
 from trainer.run.hooks import Hooks
 from trainer.step.loop import TrainLoop
+from trainer.step.projection import Projections
 from trainer.step.techniques import Techniques
 from trainer.step.updates import DecoupledUpdates
 
@@ -188,6 +189,9 @@ class Trainer(Hooks):
         self._updates = DecoupledUpdates(
             [(p, v) for p, v in self.selections if p.has_update], self.optimizer
         )
+        self._projections = Projections(
+            [(p, v) for p, v in self.selections if p.has_project], self.optimizer
+        )
         self._loss_scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
         # Evaluation runs outside the replicas (cross-replica context), with plain metrics.
         self.metrics = self.build_metrics()
@@ -297,7 +301,7 @@ class Trainer(Hooks):
                 losses = self.compute_losses(*batch)
                 loss = self.optimizer.scale_loss(losses[0]) if self._loss_scaled else losses[0]
             gradients = tape.gradient(loss, self.trainable_variables, upstream_after(losses[2:]))
-        self.techniques.apply(gradients, self._updates)
+        self.techniques.apply(gradients, self._updates, self._projections)
         return losses
 
     # ---- evaluation and training -------------------------------------------------------
