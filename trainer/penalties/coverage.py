@@ -18,7 +18,8 @@ class Coverage:
 
     Attributes:
       name: the short name in the `penalties` column (a penalty's `name`).
-      description: the long form listed under the table (a penalty's `repr`).
+      description: the long form listed under the table (a penalty's `repr`, marked if it
+        projects after the update).
       variables: the variables it acts on.
       decays: whether it decays its variables directly (a penalty with `decays`, such as
         decoupled weight decay, or the optimizer's own `weight_decay`); two decays on one
