@@ -27,7 +27,6 @@ class L1(Penalty):
     """
 
     scale = Strength()
-    has_loss = True
 
     def __init__(self, scale: float = 1e-5, **selection: Any):
         super().__init__(**selection)
@@ -54,7 +53,6 @@ class L2SP(Penalty):
     """
 
     scale = Strength()
-    has_loss = True
 
     def __init__(self, scale: float = 1e-3, **selection: Any):
         super().__init__(**selection)

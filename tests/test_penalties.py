@@ -23,6 +23,7 @@ from trainer import (
     Strength,
 )
 from trainer.numerics import square_sum_2x, upstream_after
+from trainer.penalties.coverage import coverage
 
 MODES = (("eager", False), ("tf_function", True))
 
@@ -330,7 +331,6 @@ class TwoStrengths(Penalty):
 
     l1 = Strength()
     l2 = Strength()
-    has_loss = True
 
     def __init__(self, l1=1e-3, l2=1e-2, **selection):
         super().__init__(**selection)
@@ -390,22 +390,63 @@ class PluginApiTest(parameterized.TestCase, tf.test.TestCase):
         ):
             tf.function(lambda: penalty.loss(self.variables))()
 
-    def test_undeclared_or_missing_methods_fail_at_class_definition(self):
-        with self.assertRaisesRegex(TypeError, r"declare `has_loss = True`"):
+    def test_phases_are_inferred_from_the_methods_overridden(self):
+        """A loss-only plugin needs no declaration; a subclass inherits its base's phases."""
+        phases = lambda cls: (cls.has_loss, cls.has_update, cls.has_project)  # noqa: E731
+        self.assertEqual(phases(TwoStrengths), (True, False, False))
+        self.assertEqual(phases(L2), (True, False, False))
+        self.assertEqual(phases(SelectiveL2), (True, False, False))  # inherited from L2
+        self.assertEqual(phases(DecoupledWeightDecay), (False, True, False))
 
-            class Undeclared(Penalty):
-                def loss(self, variables):
-                    return tf.constant(0.0)
+        class Both(TwoStrengths):
+            def project(self, variables):
+                pass
 
-        with self.assertRaisesRegex(TypeError, r"declare `has_update = True`.*not implemented"):
+        self.assertEqual(phases(Both), (True, False, True))
+        self.assertEqual(phases(Penalty), (False, False, False))
+        penalty = TwoStrengths()
+        selected = penalty.select(self.variables)
+        penalty.build(selected)
+        self.assertEqual(penalty.loss(selected).dtype, tf.float32)
+
+    def test_a_consistent_declaration_is_accepted(self):
+        class Declared(Penalty):
+            has_loss = True
+            has_update = False
+
+            def loss(self, variables):
+                return tf.constant(0.0)
+
+        self.assertEqual((Declared.has_loss, Declared.has_update), (True, False))
+        Declared()
+
+    def test_an_inconsistent_declaration_is_refused_at_class_definition(self):
+        with self.assertRaisesRegex(
+            TypeError, r"^Missing declares `has_update = True` but does not override update\(\)"
+        ):
 
             class Missing(Penalty):
                 has_update = True
 
-        class Neither(Penalty):
-            pass
+                def loss(self, variables):
+                    return tf.constant(0.0)
 
-        with self.assertRaisesRegex(TypeError, r"must implement loss\(\) or update\(\)"):
+        with self.assertRaisesRegex(
+            TypeError, r"^Denied declares `has_loss = False` but overrides loss\(\)"
+        ):
+
+            class Denied(L2):
+                has_loss = False
+
+    def test_a_class_with_no_phase_is_refused(self):
+        """An abstract intermediate class is fine; instantiating one with no phase is not."""
+
+        class Neither(Penalty):
+            scale = Strength()
+
+        with self.assertRaisesRegex(
+            TypeError, r"^Neither must implement loss\(\), update\(\) or project\(\)"
+        ):
             Neither()
 
     def test_spec_errors_list_the_selection_keywords(self):
@@ -416,6 +457,67 @@ class PluginApiTest(parameterized.TestCase, tf.test.TestCase):
             parse_penalty_spec("l1(1e-3, inclde='kernel')")
         penalty = parse_penalty_spec("l1(1e-3, include='kernel', name='l1_kernels')")
         self.assertEqual(repr(penalty), "L1(scale=0.001, include='kernel', name='l1_kernels')")
+
+
+class UserDecay(Penalty):
+    """A plugin that decays its variables (`w ← (1 − rate)·w`) and says so."""
+
+    rate = Strength()
+    decays = True
+
+    def __init__(self, rate=1e-2, **selection):
+        super().__init__(**selection)
+        self.rate = rate
+
+    def update(self, variables, context):
+        for v in variables:
+            v.assign_sub(self.rate * v)
+
+
+class RescaleUpdate(Penalty):
+    """A direct update that is not a decay: each column rescaled to norm ≤ 1."""
+
+    def update(self, variables, context):
+        for v in variables:
+            v.assign(tf.clip_by_norm(v, 1.0, axes=[0]))
+
+
+class DecaysTest(parameterized.TestCase, tf.test.TestCase):
+    """Only decays count for the "decayed twice" refusal: `decays`, not any `update()`."""
+
+    def check(self, penalties, optimizer=None):
+        variables = small_model().trainable_variables
+        selections = [(p, p.select(variables)) for p in penalties]
+        return coverage(selections, optimizer or keras.optimizers.Adam(), variables)
+
+    def test_decays_is_declared_and_inherited(self):
+        class MyDecay(DecoupledWeightDecay):
+            pass
+
+        self.assertEqual(
+            [c.decays for c in (Penalty, L2, DecoupledWeightDecay, MyDecay, RescaleUpdate)],
+            [False, False, True, True, False],
+        )
+
+    @parameterized.named_parameters(
+        ("plugin_and_decoupled", [UserDecay(include="out"), DecoupledWeightDecay(1e-2)], None,
+         r"'net/out/kernel' would be decayed twice, by UserDecay\(rate=0.01, include='out'\) "
+         r"and by DecoupledWeightDecay\(rate=0.01\)"),
+        ("plugin_and_adamw", [UserDecay()], keras.optimizers.AdamW,
+         r"'net/hidden/kernel' would be decayed twice, by UserDecay\(rate=0.01\) and by "
+         r"AdamW\(weight_decay=0.004\), the optimizer's own"),
+    )  # fmt: skip
+    def test_two_decays_are_refused(self, penalties, make_optimizer, message):
+        with self.assertRaisesRegex(ConfigError, message):
+            self.check(penalties, make_optimizer and make_optimizer())
+
+    @parameterized.named_parameters(
+        ("with_decoupled", None, [DecoupledWeightDecay(1e-2)]),
+        ("with_adamw", keras.optimizers.AdamW, []),
+    )
+    def test_an_update_that_is_not_a_decay_is_accepted(self, make_optimizer, others):
+        entries = self.check([RescaleUpdate(), *others], make_optimizer and make_optimizer())
+        self.assertEqual([e.decays for e in entries], [False, True])
 
 
 class ValidationTest(parameterized.TestCase):

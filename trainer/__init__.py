@@ -13,7 +13,17 @@ from trainer.errors import ConfigError
 from trainer.inputs import read_to_memory
 from trainer.optimizers import WarmupSchedule, learning_rate_for, make_optimizer
 from trainer.options import TrainerOptions
-from trainer.penalties import L2, DecoupledWeightDecay, Penalty, SelectiveL2, StepContext, Strength
+from trainer.penalties import (
+    L2,
+    DecoupledWeightDecay,
+    MaxNorm,
+    NonNeg,
+    Penalty,
+    SelectiveL2,
+    StepContext,
+    Strength,
+    UnitNorm,
+)
 from trainer.run.controller import Controller, Preempted, TrainResult
 from trainer.step.loop import TrainLoop
 from trainer.step.trainer import Trainer
@@ -23,6 +33,8 @@ __all__ = [
     "ConfigError",
     "Controller",
     "DecoupledWeightDecay",
+    "MaxNorm",
+    "NonNeg",
     "Penalty",
     "Preempted",
     "SelectiveL2",
@@ -32,6 +44,7 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "TrainerOptions",
+    "UnitNorm",
     "WarmupSchedule",
     "get_penalty",
     "get_task",

@@ -80,14 +80,27 @@ class StepContext:
     schedule_multiplier: tf.Tensor
 
 
+# Each phase's flag and the method whose override gives it, in the order of a step.
+PHASES = (("has_loss", "loss"), ("has_update", "update"), ("has_project", "project"))
+
+
 class Penalty:
     """Base class of regularization penalties.
 
     A penalty acts on a selection of a model's trainable variables, resolved once when the
     model is built (`select`, a pure query), after which `build` creates its state (the
-    strength variables, anything a subclass adds). It contributes a term to the loss
-    (declare `has_loss = True` and implement `loss`), or updates its variables directly
-    after the gradients are computed (`has_update = True` and `update`), or both.
+    strength variables, anything a subclass adds). It acts in up to three phases of each
+    optimizer step, each a method it overrides:
+
+    - `loss(variables)`: a term added to the loss, before the gradients;
+    - `update(variables, context)`: a direct update of its variables before the optimizer's
+      (decoupled weight decay);
+    - `project(variables)`: a direct update after the optimizer's (max-norm, non-negativity).
+
+    Which phases a class has (`has_loss`, `has_update`, `has_project`) is inferred from the
+    methods it or its bases override; a class may still declare them, consistently. A penalty
+    that decays its variables (`w ← w − d·w`) says so with `decays = True`, so that a variable
+    decayed by it and by the optimizer's own `weight_decay` (or another decay) is refused.
 
     Subclasses declare strengths as `Strength()` class attributes, take `**selection` in
     their constructor and pass it on: the base class handles `include`, `exclude` and
@@ -103,28 +116,43 @@ class Penalty:
       include: regex or predicate choosing variables; None for the default selection.
       exclude: regex or predicate removing variables from the selection; None for none.
       name: the name in logs (`penalty/<name>`); defaults to the registered name.
+
+    Raises:
+      TypeError: the class overrides none of `loss`, `update`, `project` (when instantiated).
     """
 
     registered_name: ClassVar[str | None] = None
+    # Inferred for each subclass from the methods it overrides (`PHASES`).
     has_loss: ClassVar[bool] = False  # adds `loss(variables)` to the loss
-    has_update: ClassVar[bool] = False  # calls `update(variables, context)` every step
+    has_update: ClassVar[bool] = False  # calls `update(variables, context)` before the optimizer
+    has_project: ClassVar[bool] = False  # calls `project(variables)` after the optimizer
+    # Whether its direct updates decay the weights: two decays on one variable are refused.
+    decays: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        for flag, method in (("has_loss", "loss"), ("has_update", "update")):
+        for flag, method in PHASES:
             implemented = getattr(cls, method) is not getattr(Penalty, method)
-            if implemented != getattr(cls, flag):
+            declared = cls.__dict__.get(flag)
+            # A declaration in this class body must agree with what the class (or a base)
+            # implements; an inherited flag is recomputed here, so it always does.
+            if declared is not None and declared != implemented:
+                fix = "drop the declaration" if implemented else f"implement {method}()"
                 raise TypeError(
-                    f"{cls.__name__}: declare `{flag} = True` exactly when it implements "
-                    f"{method}() ({flag}={getattr(cls, flag)}, {method}() "
-                    f"{'implemented' if implemented else 'not implemented'})."
+                    f"{cls.__name__} declares `{flag} = {declared!r}` but "
+                    f"{'overrides' if implemented else 'does not override'} {method}(): "
+                    f"{fix} (phases are inferred from the methods a penalty overrides)."
                 )
+            setattr(cls, flag, implemented)
 
     def __init__(
         self, *, include: Selector = None, exclude: Selector = None, name: str | None = None
     ):
-        if not (self.has_loss or self.has_update):
-            raise TypeError(f"{type(self).__name__} must implement loss() or update().")
+        if not any(getattr(self, flag) for flag, _ in PHASES):
+            raise TypeError(
+                f"{type(self).__name__} must implement loss(), update() or project() "
+                "(it overrides none of them)."
+            )
         if name is not None and not (isinstance(name, str) and name.isidentifier()):
             raise ConfigError(f"`name` ({name!r}) must be an identifier, e.g. 'l2_kernels'.")
         self.include = include
@@ -201,7 +229,18 @@ class Penalty:
     def update(self, variables: Sequence[Any], context: StepContext) -> None:
         """Updates the selected `variables` directly, before the optimizer's update.
 
-        Called with the gradients already computed from the pre-update weights.
+        Called with the gradients already computed from the pre-update weights, once per
+        optimizer step (in cross-replica context under a strategy), skipped on the steps a
+        loss-scale optimizer skips.
+        """
+        raise NotImplementedError
+
+    def project(self, variables: Sequence[Any]) -> None:
+        """Updates the selected `variables` directly, after the optimizer's update.
+
+        Called once per optimizer step (in cross-replica context under a strategy), before
+        the EMA of the weights, and skipped on the steps a loss-scale optimizer skips: e.g.
+        `v.assign(clip_norm(v))`, as a Keras constraint after `apply_gradients`.
         """
         raise NotImplementedError
 

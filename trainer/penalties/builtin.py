@@ -26,7 +26,6 @@ class L2(Penalty):
     """
 
     scale = Strength()
-    has_loss = True
 
     def __init__(self, scale: float = 0.01, **selection: Any):
         super().__init__(**selection)
@@ -89,7 +88,7 @@ class DecoupledWeightDecay(Penalty):
     """
 
     rate = Strength()
-    has_update = True
+    decays = True  # one decay per variable: refused next to the optimizer's own
 
     def __init__(self, rate: float = 0.004, *, coupling: str = "learning_rate", **selection: Any):
         super().__init__(**selection)

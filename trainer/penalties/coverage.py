@@ -18,10 +18,12 @@ class Coverage:
 
     Attributes:
       name: the short name in the `penalties` column (a penalty's `name`).
-      description: the long form listed under the table (a penalty's `repr`).
+      description: the long form listed under the table (a penalty's `repr`, marked if it
+        projects after the update).
       variables: the variables it acts on.
-      decays: whether it decays its variables directly (a decoupled penalty's update or the
-        optimizer's own `weight_decay`); two decays on one variable are an error.
+      decays: whether it decays its variables directly (a penalty with `decays`, such as
+        decoupled weight decay, or the optimizer's own `weight_decay`); two decays on one
+        variable are an error. Other direct updates (a max-norm projection) are not decays.
     """
 
     name: str
@@ -53,6 +55,33 @@ def optimizer_decay(optimizer: Any, variables: Sequence[Any]) -> Coverage | None
     )
 
 
+def keras_constraints(variables: Sequence[Any]) -> list[Coverage]:
+    """The Keras layer constraints (`kernel_constraint=...`) on `variables`, one entry per
+    distinct constraint (type and config).
+
+    Keras' optimizer applies `variable.constraint` itself, right after its update inside
+    `apply_gradients` (skipped with the step under a `LossScaleOptimizer`): the step applies
+    them as `model.fit` does, and the table shows them.
+    """
+    groups: dict[str, list[Any]] = {}
+    for v in variables:
+        constraint = getattr(v, "constraint", None)
+        if constraint is not None:
+            groups.setdefault(_describe_constraint(constraint), []).append(v)
+    return [
+        Coverage("keras_constraint", f"{description}, a Keras constraint after the update", vs)
+        for description, vs in groups.items()
+    ]
+
+
+def _describe_constraint(constraint: Any) -> str:
+    """`MaxNorm(max_value=2, axis=0)`: the class and its Keras config."""
+    get_config = getattr(constraint, "get_config", None)
+    config = get_config() if callable(get_config) else {}
+    name = getattr(constraint, "__name__", None) or type(constraint).__name__  # a bare function
+    return f"{name}({', '.join(f'{k}={v!r}' for k, v in (config or {}).items())})"
+
+
 def check_single_decay(coverages: Sequence[Coverage]) -> None:
     """Raises if a variable is decayed directly by two mechanisms.
 
@@ -76,7 +105,8 @@ def check_single_decay(coverages: Sequence[Coverage]) -> None:
 def coverage(
     selections: Sequence[tuple[Any, Sequence[Any]]], optimizer: Any, variables: Sequence[Any]
 ) -> list[Coverage]:
-    """What acts on `variables`: each penalty's selection, then the optimizer's own decay.
+    """What acts on `variables`: each penalty's selection, the optimizer's own decay, then
+    the Keras layer constraints.
 
     Args:
       selections: `(penalty, selected variables)` pairs.
@@ -86,11 +116,17 @@ def coverage(
     Raises:
       ConfigError: a variable is decayed by two mechanisms (see `check_single_decay`).
     """
-    entries = [Coverage(p.name, repr(p), v, decays=p.has_update) for p, v in selections]
+    entries = [Coverage(p.name, _describe(p), v, decays=p.decays) for p, v in selections]
     decay = optimizer_decay(optimizer, variables)
     entries += [decay] if decay else []
+    entries += keras_constraints(variables)
     check_single_decay(entries)
     return entries
+
+
+def _describe(penalty: Any) -> str:
+    """A penalty's `repr`, with when it acts if after the optimizer's update."""
+    return repr(penalty) + (", a projection after the update" if penalty.has_project else "")
 
 
 def coverage_table(variables: Sequence[Any], coverages: Sequence[Coverage]) -> str:

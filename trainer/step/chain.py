@@ -121,7 +121,7 @@ def build_chain(
       selections: `(penalty, selected variables)` pairs, in the penalties' order.
     """
     before = [(p, v) for p, v in selections if p.has_update]
-    after = [(p, v) for p, v in selections if getattr(p, "has_project", False)]
+    after = [(p, v) for p, v in selections if p.has_project]
     ema = options.ema_decay
     stages = [
         Gradients(compute_losses, optimizer, variables, options.accumulate_steps),
