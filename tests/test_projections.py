@@ -26,6 +26,7 @@ from trainer import (
 )
 from trainer.distribution import make_strategy
 from trainer.step.projection import Projections
+from trainer.step.update import OptimizerUpdate
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(TESTS_DIR)
@@ -400,13 +401,15 @@ class StepTest(EquivalenceTestBase):
         self.assertAllGreaterEqual(xla[2], 0.0)
 
     def test_off_adds_no_op(self):
-        """Without projecting penalties the stage needs nothing and adds nothing to the step."""
-        stage = Projections([], keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()))
-        self.assertFalse(stage.needs_iterations)
-        graph = tf.Graph()
-        with graph.as_default():
-            stage(None)
-        self.assertEmpty(graph.get_operations())
+        """Without projecting penalties the chain has no projection stage, and the update
+        stage reads no `iterations` for one: the step is the plain one."""
+        optimizer = lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD())  # noqa: E731
+        chain = self.task(optimizer, [DecoupledWeightDecay(1e-3)]).built.chain
+        self.assertIsNone(chain.stage(Projections))
+        self.assertFalse(chain.stage(OptimizerUpdate).record_iterations)
+        projected = self.task(optimizer, [MaxNorm(0.5)]).built.chain
+        self.assertIsNotNone(projected.stage(Projections))
+        self.assertTrue(projected.stage(OptimizerUpdate).record_iterations)
 
     def test_the_table_marks_projections(self):
         task = self.task(OPTIMIZERS["sgd"], [MaxNorm(0.5)])
