@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -19,6 +20,7 @@ from trainer.penalties.base import Penalty, check_loss_term
 from trainer.penalties.coverage import coverage, coverage_table
 from trainer.run.controller import Controller, TrainResult
 from trainer.run.hooks import Hooks
+from trainer.run.keras_callbacks import check_callbacks
 from trainer.step.loop import TrainLoop
 from trainer.step.techniques import Techniques
 from trainer.step.updates import DecoupledUpdates
@@ -47,10 +49,12 @@ class Trainer(Hooks):
       options: a `TrainerOptions`; by default `make_options()`, the task's defaults.
       penalties: the penalties to apply.
       strategy: a `tf.distribute.Strategy`; by default made from `options.strategy`.
+      callbacks: `trainer.run.callbacks.Callback`s and `keras.callbacks.Callback`s, called
+        in this order after the run's own (see `controller.Controller`).
 
     Raises:
-      ConfigError: `penalties` holds something else than a `Penalty`, or `jit_compile=True`
-        with several replicas on logical CPUs.
+      ConfigError: `penalties` holds something else than a `Penalty`, `callbacks` something
+        else than a callback, or `jit_compile=True` with several replicas on logical CPUs.
     """
 
     registered_name: ClassVar[str | None] = None
@@ -65,6 +69,7 @@ class Trainer(Hooks):
         *,
         penalties: Sequence[Penalty] = (),
         strategy: tf.distribute.Strategy | None = None,
+        callbacks: Sequence[Any] = (),
     ):
         self.options = opts = options or self.make_options()
         self.strategy = strategy or make_strategy(
@@ -75,6 +80,7 @@ class Trainer(Hooks):
             if not isinstance(p, Penalty):
                 raise ConfigError(f"`penalties` must hold Penalty objects, got {p!r}.")
         self.penalties = list(penalties)
+        self.callbacks = check_callbacks(callbacks)
         self.optimizer: keras.optimizers.Optimizer | None = None
         self.step_counter: tf.Variable | None = None
         self._model: keras.Model | None = None
@@ -340,6 +346,11 @@ class Trainer(Hooks):
         See `controller.Controller.train`: evaluations, checkpoints, SIGTERM, results.
         """
         return Controller(self).train()
+
+    def evaluated_weights(self) -> contextlib.AbstractContextManager[None]:
+        """Within it, the model holds the weights that are evaluated and exported: the EMA
+        under `ema_decay`, else the trained ones."""
+        return self.techniques.averaged()
 
 
 def _float32(outputs: Any) -> Any:
