@@ -132,7 +132,7 @@ class BestTest(ResumeTestCase):
 
         class Recording(ScriptedEval):
             def evaluate(self, dataset=None):
-                with self.techniques.averaged():
+                with self.evaluated_weights():
                     seen[self.step] = [v.numpy() for v in self.model.variables]
                 seen.setdefault("raw", {})[self.step] = [v.numpy() for v in self.model.variables]
                 return super().evaluate(dataset)

@@ -20,8 +20,9 @@ class Callback:
     its own (profiling, progress, summaries, the lock, the best evaluation and early
     stopping, rollback), then the task's hooks (`hooks.Hooks`), then
     `Trainer(callbacks=[...])` in the order given. They run in Python on every worker, with
-    values reduced over replicas, so decisions taken from them agree; a method that raises
-    ends the run as the exception.
+    values reduced over replicas, so decisions taken from those values agree (ones taken
+    from anything else, a clock or a file, may differ between the workers of a multi-worker
+    run, which must stop together); a method that raises ends the run as the exception.
     """
 
     def on_train_begin(self, result: TrainResult) -> None:

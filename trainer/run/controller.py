@@ -196,12 +196,11 @@ class Controller:
         self.profile = Profile(opts.profile_steps, model_dir, opts.train_steps)
         self.watch = Watch(trainer, model_dir)
         self.rollback = Rollback(trainer, checkpointer)
-        rate = lambda: self.clock.rate  # noqa: E731
         return CallbackList(
             [
                 self.profile,
-                ShowProgress(self.progress, rate),
-                WriteScalars(trainer.train_loop, rate),
+                ShowProgress(self.progress, self.clock.last_rate),
+                WriteScalars(trainer.train_loop, self.clock.last_rate),
                 *([RefreshLock(lock)] if lock else []),
                 self.watch,
                 self.rollback,
@@ -232,9 +231,9 @@ class Controller:
                     logging.info("Resuming with a change: %s", line)
             if checkpointer.restore(opts.resume_from):
                 previous = _previous_results(model_dir)
-                # A checkpoint from before a callback was added leaves its state as it is.
-                path = opts.resume_from or checkpointer.latest
-                tf.train.Checkpoint(callbacks=states).restore(path).expect_partial()
+                if states:  # a checkpoint without a callback's state leaves it as it is
+                    path = opts.resume_from or checkpointer.latest
+                    tf.train.Checkpoint(callbacks=states).restore(path).expect_partial()
         if not loop.in_memory and iterator is None:  # a distributed iterator cannot be saved
             iterator = iter(trainer.distribute(trainer.train_dataset().skip(trainer.step)))
         if trainer.step >= opts.train_steps:
@@ -393,7 +392,7 @@ class _Clock:
     the share of their time spent waiting for input."""
 
     def __init__(self):
-        self.rate = 0.0
+        self._rate = 0.0
         self.first_loop_sec: float | None = None
         self.input_wait = InputWait()
         self._first_loop_steps = 0
@@ -413,10 +412,14 @@ class _Clock:
     def loop_ends(self, step: int) -> None:
         """A loop with finite losses ended at `step`."""
         now = time.perf_counter()
-        self.rate = (step - self._loop_first) / (now - self._loop_start)
+        self._rate = (step - self._loop_first) / (now - self._loop_start)
         if not self._first_loop_steps:
             self.first_loop_sec = now - self._start
             self._first_loop_steps = step - self._loop_first
+
+    def last_rate(self) -> float:
+        """The last loop's steps per second."""
+        return self._rate
 
     def steady_rate(self, steps: int) -> float:
         """Steps per second over `steps` steps trained, the first loop's left out."""
