@@ -221,6 +221,15 @@ class KerasCallbacksTest(absltest.TestCase):
         with self.assertRaisesRegex(ConfigError, "restore_best_weights=True.*keep_best=True"):
             synthetic([stopping])
 
+    def test_learning_rate_callbacks_are_refused_naming_lr_schedule(self):
+        for callback in (
+            keras.callbacks.LearningRateScheduler(lambda epoch, rate: rate),
+            keras.callbacks.ReduceLROnPlateau(),
+        ):
+            name = type(callback).__name__
+            with self.assertRaisesRegex(ConfigError, f"^`callbacks` holds .*{name}.*lr_schedule"):
+                synthetic([callback])
+
     def test_terminate_on_nan_sees_the_loop_and_the_run_ends_with_its_error(self):
         """SGD at 1e4 diverges: the run ends with the FloatingPointError naming the step;
         TerminateOnNaN saw that loop's loss (and asked to stop); nothing from it was saved."""

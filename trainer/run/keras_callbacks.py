@@ -15,6 +15,9 @@ from trainer.run.protocol import Runnable
 if TYPE_CHECKING:
     from trainer.run.controller import TrainResult
 
+# Keras callbacks that assign `model.optimizer.learning_rate`.
+_SET_LEARNING_RATE = (keras.callbacks.LearningRateScheduler, keras.callbacks.ReduceLROnPlateau)
+
 
 class KerasCallback(Callback):
     """Calls a `keras.callbacks.Callback` as `model.fit` would, with one evaluation interval
@@ -117,15 +120,23 @@ def check_callbacks(callbacks: Sequence[Any]) -> list[Any]:
     """`Trainer(callbacks=...)` checked: each a `Callback` or a `keras.callbacks.Callback`.
 
     Raises:
-      ConfigError: another object, or `keras.callbacks.EarlyStopping` with
+      ConfigError: another object; `keras.callbacks.EarlyStopping` with
         `restore_best_weights=True`, which would change the weights after the last
-        checkpoint and the export were written (`keep_best` keeps and exports the best).
+        checkpoint and the export were written (`keep_best` keeps and exports the best); or
+        a Keras callback that sets the learning rate through `model.optimizer`, which an
+        uncompiled model has not.
     """
     for value in callbacks:
         if not isinstance(value, (Callback, keras.callbacks.Callback)):
             raise ConfigError(
                 f"`callbacks` must hold trainer.run.callbacks.Callback or "
                 f"keras.callbacks.Callback objects, got {value!r}."
+            )
+        if isinstance(value, _SET_LEARNING_RATE):
+            raise ConfigError(
+                f"`callbacks` holds keras.callbacks.{type(value).__name__}, which sets "
+                "model.optimizer's learning rate; the model is not compiled here: use "
+                "lr_schedule and warmup_steps, or override build_optimizer."
             )
         if isinstance(value, keras.callbacks.EarlyStopping) and value.restore_best_weights:
             raise ConfigError(
