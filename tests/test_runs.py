@@ -7,6 +7,7 @@ import os
 from typing import ClassVar
 from unittest import mock
 
+import keras
 import numpy as np
 import tensorflow as tf
 from absl.testing import absltest
@@ -14,8 +15,9 @@ from array_task import ArrayTask, regression_data
 from test_resume import ResumeTestCase, final_weights
 
 from tasks.synthetic import make_data
-from trainer import TrainerOptions
+from trainer import Controller, TrainerOptions
 from trainer.distribution import make_strategy
+from trainer.run.protocol import Runnable
 
 
 class ScriptedEval(ArrayTask):
@@ -241,6 +243,54 @@ class HooksAndProfileTest(ResumeTestCase):
         errors = [line for line in result.stderr.splitlines() if line.startswith("trainer:")]
         self.assertEqual(len(errors), 1, result.stderr)
         self.assertIn("`profile_steps` ('210,200')", errors[0])
+
+
+class OnlyRunnable:
+    """A trainer seen through `protocol.Runnable`: reading any other attribute fails."""
+
+    MEMBERS = frozenset(n for n in vars(Runnable) if not n.startswith("_"))
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def __getattr__(self, name):
+        if name not in self.MEMBERS:
+            raise AttributeError(f"{name!r} is not a member of Runnable")
+        return getattr(self.trainer, name)
+
+
+class RunnableTest(ResumeTestCase):
+    def test_the_controller_reads_only_runnable_members(self):
+        """Evaluations, keep_best with EMA, checkpoints, a rollback, the export, a Keras
+        callback and a resume, on a proxy with only `Runnable`'s members; the proxy is no
+        `Hooks`, so the task's hooks are not called."""
+        d = self.model_dir()
+        x, y = regression_data()
+
+        def run(train_steps):
+            runs = {"eval_every": 100, "keep_best": True, "checkpoint_every": 100, "model_dir": d}
+            options = sgd_options(
+                train_steps=train_steps,
+                ema_decay=0.9,
+                on_nonfinite="rollback",
+                export_dir=os.path.join(d, "export"),
+                **runs,
+            )
+            task = PoisonedLoss(x, y, options)
+            task.loop_ends, epochs = [], []
+            task.callbacks = [
+                keras.callbacks.LambdaCallback(on_epoch_end=lambda e, _: epochs.append(e))
+            ]
+            return task, Controller(OnlyRunnable(task)).train(), epochs
+
+        self.assertIn("evaluated_weights", OnlyRunnable.MEMBERS)
+        task, result, epochs = run(400)
+        self.assertEqual((result.step, result.rollbacks, epochs), (400, 1, [0, 1, 2, 3]))
+        self.assertEqual(task.loop_ends, [])
+        self.assertTrue(os.path.isdir(os.path.join(d, "export")))
+        _, resumed, epochs = run(600)
+        self.assertEqual((resumed.step, epochs), (600, [4, 5]))
+        self.assertEqual([h["step"] for h in resumed.history], list(range(100, 601, 100)))
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from signal import SIGINT, SIGTERM, Signals
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
 from absl import logging
@@ -16,11 +16,21 @@ from trainer.distribution import is_default, sum_over_workers
 from trainer.errors import ConfigError
 from trainer.inputs import InputWait
 from trainer.run import files, resume, summaries
+from trainer.run.callbacks import CallbackList
 from trainer.run.checkpointing import Checkpointer
-from trainer.run.lock import RunLock
-from trainer.run.progress import Progress, format_losses
-from trainer.run.runs import Profile, Rollback, Watch
+from trainer.run.hooks import Hooks, TaskHooks
+from trainer.run.keras_callbacks import as_callbacks
+from trainer.run.lock import RefreshLock, RunLock
+from trainer.run.profiling import Profile
+from trainer.run.progress import Progress, ShowProgress
+from trainer.run.protocol import Runnable
+from trainer.run.rollback import Rollback
 from trainer.run.signals import INTERRUPTED_EXIT_STATUS, StopSignals
+from trainer.run.summaries import WriteScalars
+from trainer.run.watch import Watch
+
+if TYPE_CHECKING:
+    from trainer.penalties.base import Penalty
 
 
 class Preempted(Exception):
@@ -74,7 +84,9 @@ class TrainResult:
       history: the evaluations during training, `{"step": ..., **metrics}` each.
       input_wait_share: the share of the train loops' time (after the first) spent waiting
         for the next batch of a tf.data input; None for in-memory input (`train_arrays`).
-      stopped_early: whether `early_stop_patience` ended the run before `train_steps`.
+      stopped_early: whether a callback ended the run before `train_steps`:
+        `early_stop_patience`, or one of `Trainer(callbacks=...)` (a Keras callback setting
+        `model.stop_training`).
       best: the best evaluation by the task's held-out metric, `{"step": ..., **metrics}`;
         None before any evaluation.
       rollbacks: the rollbacks `on_nonfinite=rollback` made in this run.
@@ -96,7 +108,7 @@ class TrainResult:
         return dataclasses.asdict(self)
 
 
-def make_checkpointer(trainer: Any, model_dir: str) -> Checkpointer:
+def make_checkpointer(trainer: Runnable, model_dir: str) -> Checkpointer:
     """A `Checkpointer` of `trainer`'s whole state in `model_dir`, with its settings."""
     return Checkpointer(
         model_dir,
@@ -109,7 +121,7 @@ def make_checkpointer(trainer: Any, model_dir: str) -> Checkpointer:
     )
 
 
-def _penalty_states(penalties: list[Any]) -> dict[str, list[Any]]:
+def _penalty_states(penalties: Sequence[Penalty]) -> dict[str, list[Any]]:
     """Each penalty's state by name, without its strengths (the values given now are in
     force on resume), e.g. L2-SP's anchors."""
     states = {}
@@ -120,15 +132,27 @@ def _penalty_states(penalties: list[Any]) -> dict[str, list[Any]]:
 
 
 class Controller:
-    """Runs a Trainer's training: loops between evaluations, checkpoints and signals.
+    """Runs a trainer's training: loops between evaluations, checkpoints and signals.
 
-    Everything that happens between two calls of the compiled loop lives here.
+    Everything that happens between two calls of the compiled loop lives here, or in the
+    run's callbacks (`callbacks.Callback`), called in this order:
+
+    1. `profiling.Profile`: the `profile_steps` trace (loops are cut at its steps).
+    2. `progress.ShowProgress`: the progress line and the eval lines.
+    3. `summaries.WriteScalars`: `steps_per_sec` and `eval/<metric>` in TensorBoard.
+    4. `lock.RefreshLock`: the `model_dir` lock's time (with a `model_dir`, on the chief).
+    5. `watch.Watch`: the best evaluation (`keep_best`) and `early_stop_patience`.
+    6. `rollback.Rollback`: `on_nonfinite=rollback`.
+    7. `hooks.TaskHooks`: the task's `on_loop_end`, `on_evaluate`, `on_train_end`.
+    8. `trainer.callbacks`, in their order; Keras ones through `KerasCallback`.
+
+    The controller reads the trainer only through `protocol.Runnable`.
 
     Args:
-      trainer: the `Trainer` to run, with its `options`.
+      trainer: what to train (a `Trainer`), with its `options`.
     """
 
-    def __init__(self, trainer: Any):
+    def __init__(self, trainer: Runnable):
         self.trainer = trainer
         self.options = trainer.options
 
@@ -137,8 +161,9 @@ class Controller:
 
         Evaluates as `options.eval_every` says, checkpoints as `options.checkpoint_every`
         says, and on SIGTERM or SIGINT (`signals.StopSignals`: a second SIGINT ends the
-        process at once) saves and raises `Preempted` at the next loop boundary. A run
-        already at `train_steps` is evaluated, not retrained. With `model_dir`, writes
+        process at once) saves and raises `Preempted` at the next loop boundary. A callback
+        (early stopping among them) may stop the run earlier: it is evaluated and saved. A
+        run already at `train_steps` is evaluated, not retrained. With `model_dir`, writes
         `results.json` there.
 
         Raises:
@@ -161,14 +186,37 @@ class Controller:
             if lock:
                 lock.release()
 
+    def _callbacks(
+        self, model_dir: str | None, checkpointer: Checkpointer | None, lock: RunLock | None
+    ) -> CallbackList:
+        """The run's callbacks, in the order of the class docstring."""
+        trainer, opts = self.trainer, self.options
+        self.clock = _Clock()
+        self.progress = Progress(opts.train_steps)
+        self.profile = Profile(opts.profile_steps, model_dir, opts.train_steps)
+        self.watch = Watch(trainer, model_dir)
+        self.rollback = Rollback(trainer, checkpointer)
+        return CallbackList(
+            [
+                self.profile,
+                ShowProgress(self.progress, self.clock.last_rate),
+                WriteScalars(trainer.train_loop, self.clock.last_rate),
+                *([RefreshLock(lock)] if lock else []),
+                self.watch,
+                self.rollback,
+                *([TaskHooks(trainer)] if isinstance(trainer, Hooks) else []),
+                *as_callbacks(trainer.callbacks, trainer),
+            ]
+        )
+
     def _train(self, model_dir: str | None, lock: RunLock | None) -> TrainResult:
         trainer, opts = self.trainer, self.options
         loop = trainer.train_loop
         checkpointer = make_checkpointer(trainer, model_dir) if model_dir else None
-        self.watch = Watch(trainer, model_dir)
-        self.profile = Profile(opts.profile_steps, model_dir, opts.train_steps)
-        if checkpointer:
-            checkpointer.track("runs", self.watch.variables, restore=False)  # restored below
+        callbacks = self._callbacks(model_dir, checkpointer, lock)
+        states = callbacks.checkpoint_states()
+        if checkpointer and states:
+            checkpointer.track("callbacks", states, restore=False)  # restored below
         iterator = None
         if not loop.in_memory and is_default(trainer.strategy):
             iterator = iter(trainer.train_dataset())
@@ -183,9 +231,11 @@ class Controller:
                     logging.info("Resuming with a change: %s", line)
             if checkpointer.restore(opts.resume_from):
                 previous = _previous_results(model_dir)
-                history = (previous or {}).get("history") or []
-                self.watch.restore(opts.resume_from or checkpointer.latest, history)
-        self.rollback = Rollback(trainer, checkpointer)
+                if states:  # a checkpoint without a callback's state leaves it as it is
+                    path = opts.resume_from or checkpointer.latest
+                    if "watch" in states:  # where checkpoints before the callbacks kept it
+                        tf.train.Checkpoint(runs=states["watch"]).restore(path).expect_partial()
+                    tf.train.Checkpoint(callbacks=states).restore(path).expect_partial()
         if not loop.in_memory and iterator is None:  # a distributed iterator cannot be saved
             iterator = iter(trainer.distribute(trainer.train_dataset().skip(trainer.step)))
         if trainer.step >= opts.train_steps:
@@ -194,7 +244,7 @@ class Controller:
             summaries.write_text(loop.writer, "penalties", trainer.penalty_table(), trainer.step)
         try:
             with StopSignals() as stops:
-                result = self._loops(iterator, checkpointer, stops, lock, previous)
+                result = self._loops(iterator, checkpointer, stops, callbacks, previous)
         finally:
             self.profile.close()
             if loop.writer is not None:
@@ -204,18 +254,18 @@ class Controller:
         if opts.export_dir and trainer.is_chief:
 
             def export() -> None:
-                with trainer.evaluated_weights():  # the EMA of the weights, with ema_decay
+                with trainer.evaluated_weights():
                     trainer.model.export(opts.export_dir, verbose=False)
 
-            if not _writing(
+            if not files.writing(
                 f"the best model to `export_dir` ({opts.export_dir!r})",
                 lambda: self.watch.export_best(opts.export_dir),
             ):
-                _writing(f"the model to `export_dir` ({opts.export_dir!r})", export)
+                files.writing(f"the model to `export_dir` ({opts.export_dir!r})", export)
         if model_dir and trainer.is_chief:
             path = files.join(model_dir, "results.json")
-            _writing(path, lambda: files.write_json(path, result.to_dict()))
-        trainer.on_train_end(result)
+            files.writing(path, lambda: files.write_json(path, result.to_dict()))
+        callbacks.on_train_end(result)
         return result
 
     def _same_input(self, checkpointer: Checkpointer) -> bool:
@@ -233,71 +283,65 @@ class Controller:
             )
         return not changed
 
-    def _next_stop(self, step: int) -> int:
-        """The step the next loop ends at: cut short at eval and checkpoint boundaries."""
+    def _next_stop(self, step: int, cuts: Sequence[int]) -> int:
+        """The step the next loop ends at: cut short at eval and checkpoint boundaries and at
+        the callbacks' `loop_cuts`."""
         opts = self.options
         stop = min(step + opts.steps_per_loop, opts.train_steps)
         for every in (opts.eval_every, opts.checkpoint_every if opts.model_dir else 0):
             if every:
                 stop = min(stop, (step // every + 1) * every)
-        return min([stop] + [cut for cut in self.profile.cuts if cut > step])
+        return min([stop] + [cut for cut in cuts if cut > step])
 
     def _loops(
         self,
         iterator: Any,
         checkpointer: Checkpointer | None,
         stops: StopSignals,
-        lock: RunLock | None,
+        callbacks: CallbackList,
         previous: dict[str, Any] | None,
     ) -> TrainResult:
         trainer, opts = self.trainer, self.options
-        loop = trainer.train_loop
+        loop, clock, progress = trainer.train_loop, self.clock, self.progress
         step = start_step = trainer.step
         result = _continued(previous, step)
-        progress = Progress(opts.train_steps)
-        start = time.perf_counter()
-        first_loop_steps = 0
-        input_wait = InputWait()
+        clock.start()
+        callbacks.on_train_begin(result)
         result.best = self.watch.best
-        if self.watch.exhausted and step < opts.train_steps:
-            logging.info(
-                "Stopped early before: %d evaluations without improvement.", self.watch.patience
-            )
+        reason = callbacks.stop_reason() if step < opts.train_steps else None
+        if reason:
+            logging.info("Stopped early before: %s.", reason)
             result.stopped_early = True
         while step < opts.train_steps and not result.stopped_early:
-            loop_start, loop_first = time.perf_counter(), step
-            self.profile.before(step)
-            result.train, step = loop.run(self._next_stop(step) - step, iterator)
-            self.profile.after(step)
-            input_wait.add(loop.input_wait_s, time.perf_counter() - loop_start)
+            clock.loop_begins(step)
+            callbacks.on_loop_begin(step)
+            stop_at = self._next_stop(step, callbacks.loop_cuts())
+            result.train, step = loop.run(stop_at - step, iterator)
+            clock.loop_ran(loop.input_wait_s)
             try:
                 _check_finite(result.train, step)
             except FloatingPointError as e:
-                if not self.rollback(e):
+                if not callbacks.on_nonfinite(step, result.train, e):
                     raise
                 step, result.rollbacks = trainer.step, self.rollback.count
                 continue
-            rate = (step - loop_first) / (time.perf_counter() - loop_start)
-            if not first_loop_steps:  # includes tracing and compiling
-                result.first_loop_sec = time.perf_counter() - start
-                first_loop_steps = step - loop_first
-            progress.update(step, rate, result.train)
-            trainer.on_loop_end(step, dict(result.train))
-            if lock:
-                _writing(lock.path, lock.refresh)
-            self._write_scalars(step, {"steps_per_sec": rate})
+            clock.loop_ends(step)
+            callbacks.on_loop_end(step, result.train)
             done = step >= opts.train_steps
             stop = None if done else self._agreed_stop(stops)
-            if not stop and (done or (opts.eval_every and step % opts.eval_every == 0)):
-                self._evaluate(step, result, progress, done)  # before the save: the watch's
-            path = None  # state in the checkpoint of this step counts this evaluation
+            reason = None if done or stop else callbacks.stop_reason()
+            if not stop and (done or reason or (opts.eval_every and step % opts.eval_every == 0)):
+                self._evaluate(step, result, callbacks)  # before the save: the callbacks'
+                reason = reason or (None if done else callbacks.stop_reason())  # state counts it
+            result.stopped_early = reason is not None
+            path = None
             if checkpointer and (
                 done
                 or stop
                 or result.stopped_early
                 or (opts.checkpoint_every and step % opts.checkpoint_every == 0)
             ):
-                path = _writing(
+                path = files.writing(
                     f"checkpoint {step} to {checkpointer.directory!r}",
                     lambda step=step: checkpointer.save(step),
                 )
@@ -308,36 +352,26 @@ class Controller:
                     path = path if checkpointer.chief else checkpointer.directory
                 signal, elsewhere = stop
                 raise Preempted(step, path, signal, elsewhere=elsewhere)
-            if result.stopped_early:
-                best, watch = result.best or {}, self.watch
-                progress.message(
-                    f"Stopping early at step {step}: {watch.patience} evaluations without an "
-                    f"improvement of eval {watch.name}; the best, {best.get(watch.name)}, at "
-                    f"step {best.get('step')}."
-                )
+            if reason:
+                progress.message(f"Stopping early at step {step}: {reason}.")
         progress.close()
         if not result.eval and step >= opts.train_steps:
             result.eval = trainer.evaluate()
-        # The rate after the first loop, whose time (tracing, XLA compiling) is reported apart.
-        elapsed = time.perf_counter() - start - result.first_loop_sec
-        steady = step - start_step - first_loop_steps
         result.step = step
-        result.steps_per_sec = steady / elapsed if steady and elapsed > 0 else 0.0
+        result.steps_per_sec = clock.steady_rate(step - start_step)
         if step > start_step:
-            result.input_wait_share = input_wait.finish()
+            result.input_wait_share = clock.input_wait.finish()
+        if clock.first_loop_sec is not None:  # else the resumed run's, if no loop ran now
+            result.first_loop_sec = clock.first_loop_sec
         return result
 
-    def _evaluate(self, step: int, result: TrainResult, progress: Progress, done: bool) -> None:
-        """Evaluates at `step` into `result`: history, summaries, the hook, early stopping."""
-        trainer = self.trainer
-        result.eval = trainer.evaluate()
+    def _evaluate(self, step: int, result: TrainResult, callbacks: CallbackList) -> None:
+        """Evaluates at `step` into `result` (its history, the best), and tells the callbacks."""
+        result.eval = self.trainer.evaluate()
         if result.eval:
             result.history.append({"step": step, **result.eval})
-            progress.message(f"eval at step {step}  {format_losses(result.eval)}")
-            self._write_scalars(step, {f"eval/{k}": v for k, v in result.eval.items()})
-            trainer.on_evaluate(step, dict(result.eval))
-            result.stopped_early = self.watch.update(step, result.eval) and not done
-            result.best = self.watch.best
+        callbacks.on_evaluate(step, result.eval)
+        result.best = self.watch.best
 
     def _agreed_stop(self, stops: StopSignals) -> tuple[Signals, bool] | None:
         """The stop every worker takes at this boundary: SIGTERM if one received it, else
@@ -354,10 +388,46 @@ class Controller:
         signal = SIGTERM if terms else SIGINT
         return signal, local != signal
 
-    def _write_scalars(self, step: int, values: dict[str, float]) -> None:
-        writer = self.trainer.train_loop.writer
-        if writer is not None:
-            summaries.write_scalars(writer, step, values)
+
+class _Clock:
+    """Times a run's loops: the last one's rate, the first (tracing and compiling) apart, and
+    the share of their time spent waiting for input."""
+
+    def __init__(self):
+        self._rate = 0.0
+        self.first_loop_sec: float | None = None
+        self.input_wait = InputWait()
+        self._first_loop_steps = 0
+        self._start = self._loop_start = time.perf_counter()
+        self._loop_first = 0
+
+    def start(self) -> None:
+        """The run's first loop begins now (its time includes tracing and compiling)."""
+        self._start = time.perf_counter()
+
+    def loop_begins(self, step: int) -> None:
+        self._loop_start, self._loop_first = time.perf_counter(), step
+
+    def loop_ran(self, input_wait_s: float | None) -> None:
+        self.input_wait.add(input_wait_s, time.perf_counter() - self._loop_start)
+
+    def loop_ends(self, step: int) -> None:
+        """A loop with finite losses ended at `step`."""
+        now = time.perf_counter()
+        self._rate = (step - self._loop_first) / (now - self._loop_start)
+        if not self._first_loop_steps:
+            self.first_loop_sec = now - self._start
+            self._first_loop_steps = step - self._loop_first
+
+    def last_rate(self) -> float:
+        """The last loop's steps per second."""
+        return self._rate
+
+    def steady_rate(self, steps: int) -> float:
+        """Steps per second over `steps` steps trained, the first loop's left out."""
+        elapsed = time.perf_counter() - self._start - (self.first_loop_sec or 0.0)
+        steady = steps - self._first_loop_steps
+        return steady / elapsed if steady and elapsed > 0 else 0.0
 
 
 def _previous_results(model_dir: str) -> dict[str, Any] | None:
@@ -387,17 +457,6 @@ def _continued(previous: dict[str, Any] | None, step: int) -> TrainResult:
         result.first_loop_sec = previous.get("first_loop_sec") or 0.0
         result.input_wait_share = previous.get("input_wait_share")
     return result
-
-
-def _writing(what: str, write: Callable[[], Any]) -> Any:
-    """`write()`, with a failed write (a full disk, a read-only or vanished directory) turned
-    into one `WriteError` line naming what was being written."""
-    try:
-        return write()
-    except (tf.errors.OpError, OSError) as e:
-        if isinstance(e, files.WriteError):
-            raise
-        raise files.WriteError(f"Could not write {what}: {files.reason(e)}") from None
 
 
 def _check_finite(logs: dict[str, float], step: int) -> None:

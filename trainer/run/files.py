@@ -6,6 +6,7 @@ import json
 import math
 import re
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import tensorflow as tf
@@ -26,6 +27,17 @@ def reason(error: BaseException) -> str:
     text = getattr(error, "message", None) or getattr(error, "strerror", None) or str(error)
     text = " ".join(re.sub(r"\{\{.*?\}\}", "", text).split())
     return text if len(text) <= 200 else "..." + text[-200:]
+
+
+def writing(what: str, write: Callable[[], Any]) -> Any:
+    """`write()`, with a failed write (a full disk, a read-only or vanished directory) turned
+    into one `WriteError` line naming what was being written."""
+    try:
+        return write()
+    except (tf.errors.OpError, OSError) as e:
+        if isinstance(e, WriteError):
+            raise
+        raise WriteError(f"Could not write {what}: {reason(e)}") from None
 
 
 def join(directory: str, *names: str) -> str:

@@ -13,6 +13,7 @@ from absl import logging
 
 from trainer.errors import ConfigError
 from trainer.run import files
+from trainer.run.callbacks import Callback
 
 NAME = "tapeloop.lock"
 # A lock held from another host is judged stale when its holder has not refreshed it for this
@@ -110,3 +111,17 @@ class RunLock:
                 tf.io.gfile.remove(self.path)
         except (ConfigError, tf.errors.OpError, OSError):
             pass  # nothing to release, or nowhere to release it: the lock is stale either way
+
+
+class RefreshLock(Callback):
+    """Refreshes the run's lock after each loop (at most every `REFRESH_S` seconds).
+
+    Args:
+      lock: the lock this run holds.
+    """
+
+    def __init__(self, lock: RunLock):
+        self.lock = lock
+
+    def on_loop_end(self, step: int, logs: dict[str, float]) -> None:
+        files.writing(self.lock.path, self.lock.refresh)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import TextIO
 
 from absl import logging
+
+from trainer.run.callbacks import Callback
 
 
 def format_losses(logs: dict[str, float]) -> str:
@@ -62,3 +65,22 @@ class Progress:
             self.stream.write("\n")
             self.stream.flush()
             self._open = False
+
+
+class ShowProgress(Callback):
+    """Shows each loop's step, rate and losses, and each evaluation, on a `Progress`.
+
+    Args:
+      progress: where they are shown.
+      rate: the last loop's steps per second (measured by the controller).
+    """
+
+    def __init__(self, progress: Progress, rate: Callable[[], float]):
+        self.progress, self.rate = progress, rate
+
+    def on_loop_end(self, step: int, logs: dict[str, float]) -> None:
+        self.progress.update(step, self.rate(), logs)
+
+    def on_evaluate(self, step: int, metrics: dict[str, float]) -> None:
+        if metrics:
+            self.progress.message(f"eval at step {step}  {format_losses(metrics)}")

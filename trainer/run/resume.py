@@ -7,6 +7,7 @@ from typing import Any
 
 from trainer.errors import ConfigError
 from trainer.optimizers import inner, learning_rate_setting
+from trainer.run.protocol import Runnable
 
 # Options recorded with a run; a new value on resume is in force, and logged.
 _RECORDED_OPTIONS = (
@@ -26,7 +27,7 @@ _RECORDED_OPTIONS = (
 )
 
 
-def settings(trainer: Any) -> dict[str, Any]:
+def settings(trainer: Runnable) -> dict[str, Any]:
     """What a resumed run is compared on: the optimizer's class and learning rate (or its
     schedule), the recorded options, and each penalty's parameters by name."""
     return {

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
 
 from trainer.penalties.base import Penalty, StepContext
+from trainer.run.callbacks import Callback
+
+if TYPE_CHECKING:
+    from trainer.run.protocol import Loop
 
 
 def loss_tag(name: str) -> str:
@@ -77,3 +81,24 @@ def write_hparams(writer: tf.summary.SummaryWriter, hparams: dict[str, Any], tri
 
     with writer.as_default():
         hp.hparams(hparams, trial_id=trial_id)
+
+
+class WriteScalars(Callback):
+    """Writes `steps_per_sec` after each loop and `eval/<metric>` after each evaluation to the
+    loop's TensorBoard writer, when it has one (the per-step scalars are the loop's own).
+
+    Args:
+      loop: the compiled loop, whose `writer` is used.
+      rate: the last loop's steps per second (measured by the controller).
+    """
+
+    def __init__(self, loop: Loop, rate: Callable[[], float]):
+        self.loop, self.rate = loop, rate
+
+    def on_loop_end(self, step: int, logs: dict[str, float]) -> None:
+        if self.loop.writer is not None:
+            write_scalars(self.loop.writer, step, {"steps_per_sec": self.rate()})
+
+    def on_evaluate(self, step: int, metrics: dict[str, float]) -> None:
+        if self.loop.writer is not None and metrics:
+            write_scalars(self.loop.writer, step, {f"eval/{k}": v for k, v in metrics.items()})

@@ -20,6 +20,7 @@ from trainer.penalties.base import Penalty, check_loss_term
 from trainer.penalties.coverage import Coverage, coverage, coverage_table
 from trainer.run.controller import Controller, TrainResult
 from trainer.run.hooks import Hooks
+from trainer.run.keras_callbacks import check_callbacks
 from trainer.step.chain import Chain, build_chain, techniques_line
 from trainer.step.loop import TrainLoop
 
@@ -80,10 +81,12 @@ class Trainer(Hooks):
       options: a `TrainerOptions`; by default `make_options()`, the task's defaults.
       penalties: the penalties to apply.
       strategy: a `tf.distribute.Strategy`; by default made from `options.strategy`.
+      callbacks: `trainer.run.callbacks.Callback`s and `keras.callbacks.Callback`s, called
+        in this order after the run's own (see `controller.Controller`).
 
     Raises:
-      ConfigError: `penalties` holds something else than a `Penalty`, or `jit_compile=True`
-        with several replicas on logical CPUs.
+      ConfigError: `penalties` holds something else than a `Penalty`, `callbacks` something
+        else than a callback, or `jit_compile=True` with several replicas on logical CPUs.
 
     What `build()` makes (model, optimizer, the step's stages, ...) is held in one `Built`
     object (`built`), not in attributes of the task: a task's own fields are never
@@ -102,6 +105,7 @@ class Trainer(Hooks):
         *,
         penalties: Sequence[Penalty] = (),
         strategy: tf.distribute.Strategy | None = None,
+        callbacks: Sequence[Any] = (),
     ):
         self.options = opts = options or self.make_options()
         self.strategy = strategy or make_strategy(
@@ -112,6 +116,7 @@ class Trainer(Hooks):
             if not isinstance(p, Penalty):
                 raise ConfigError(f"`penalties` must hold Penalty objects, got {p!r}.")
         self.penalties = list(penalties)
+        self.callbacks = check_callbacks(callbacks)
         # The engine's parts, in name-mangled slots that a task's own fields cannot clash with.
         self.__built: Built | None = None
         self.__loop: TrainLoop | None = None
