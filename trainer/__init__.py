@@ -24,12 +24,14 @@ from trainer.penalties import (
     Strength,
     UnitNorm,
 )
+from trainer.run.callbacks import Callback
 from trainer.run.controller import Controller, Preempted, TrainResult
 from trainer.step.loop import TrainLoop
 from trainer.step.trainer import Trainer
 
 __all__ = [
     "L2",
+    "Callback",
     "ConfigError",
     "Controller",
     "DecoupledWeightDecay",
