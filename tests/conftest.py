@@ -1,10 +1,16 @@
-"""pytest setup: parsed absl flags, 2 logical CPUs for strategy tests, quiet TF logs."""
+"""pytest setup: fixtures importable, parsed absl flags, 2 logical CPUs for strategy tests, quiet
+TF logs."""
 
 import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import sys
 
 from absl import flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Test tasks and plugins, imported by tests and by `--import=` alike.
+FIXTURES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+if FIXTURES_DIR not in sys.path:
+    sys.path.insert(0, FIXTURES_DIR)
 
 CPU_REPLICAS = 2
 

@@ -18,6 +18,7 @@ from trainer.run.controller import make_checkpointer
 from trainer.run.files import write_json
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+FIXTURES_DIR = os.path.join(TESTS_DIR, "fixtures")
 REPO_DIR = os.path.dirname(TESTS_DIR)
 TIMEOUT_S = 180
 
@@ -29,7 +30,8 @@ def run_cli(model_dir, *flags, **env):
          "--deterministic", f"--model_dir={model_dir}", *flags],
         cwd=REPO_DIR,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
-             "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]), **env},
+             "PYTHONPATH": os.pathsep.join([FIXTURES_DIR, os.environ.get("PYTHONPATH", "")]),
+             **env},
         capture_output=True,
         text=True,
         timeout=TIMEOUT_S,

@@ -15,19 +15,21 @@ import sys
 from absl.testing import absltest, parameterized
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+FIXTURES_DIR = os.path.join(TESTS_DIR, "fixtures")
 REPO_DIR = os.path.dirname(TESTS_DIR)
 TIMEOUT_S = 120
 
 
 def run_cli(*args: str, command: list[str] | None = None) -> subprocess.CompletedProcess:
-    """Runs `python -m trainer ARGS` (or `command + ARGS`) with `tests/` importable.
+    """Runs `python -m trainer ARGS` (or `command + ARGS`) with `tests/fixtures/` importable.
 
-    `tests/` goes on PYTHONPATH so that `--import=cli_plugin` finds `tests/cli_plugin.py`
+    `tests/fixtures/` goes on PYTHONPATH so that `--import=cli_plugin` finds
+    `tests/fixtures/cli_plugin.py`
     under `python -m` and the console script alike.
     """
     env = dict(os.environ)
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS_DIR, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (FIXTURES_DIR, env.get("PYTHONPATH")) if p)
     command = command or [sys.executable, "-m", "trainer"]
     return subprocess.run(
         [*command, *args],

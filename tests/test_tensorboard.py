@@ -17,6 +17,7 @@ from trainer.cli.sweep import parse_sweep, run_sweep
 from trainer.run.progress import Progress
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+FIXTURES_DIR = os.path.join(TESTS_DIR, "fixtures")
 REPO_DIR = os.path.dirname(TESTS_DIR)
 
 
@@ -164,7 +165,7 @@ class DescribeCliTest(tf.test.TestCase):
              "--describe", "--penalty=decoupled_weight_decay(0.01)",
              "--penalty=selective_l2(1e-4, exclude='bias')", f"--model_dir={model_dir}"],
             cwd=REPO_DIR, capture_output=True, text=True, timeout=120,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": TESTS_DIR},
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": FIXTURES_DIR},
         )  # fmt: skip
         self.assertEqual(done.returncode, 0, done.stderr[-2000:])
         lines = done.stdout.splitlines()
