@@ -233,10 +233,10 @@ class RunTest(CliTestCase):
         """`--helpfull` lists one flag per TrainerOptions field, its help from the field doc."""
         import dataclasses
 
-        from trainer.options import TrainerOptions, field_docs
+        from trainer.options import TrainerOptions, option_help
 
         result = run_cli("--helpfull")
-        docs = field_docs()
+        docs = option_help()
         for field in dataclasses.fields(TrainerOptions):
             self.assertRegex(result.stdout, rf"--(\[no\])?{field.name}:", field.name)
             first_words = " ".join(docs[field.name].split()[:4])

@@ -13,7 +13,7 @@ from trainer.cli import registry
 from trainer.cli.sweep import parse_sweep, run_sweep
 from trainer.distribution import PeerTimeout
 from trainer.errors import ConfigError
-from trainer.options import CHOICES, TrainerOptions, field_docs
+from trainer.options import CHOICES, TrainerOptions, option_help
 from trainer.run import files
 from trainer.run.controller import Preempted
 from trainer.run.progress import format_losses
@@ -46,7 +46,7 @@ def _define_option_flags() -> dict[str, flags.FlagHolder]:
     Every flag defaults to None: a flag not given keeps the task's `default_options` (and
     then the field's default).
     """
-    docs, types = field_docs(), typing.get_type_hints(TrainerOptions)
+    docs, types = option_help(), typing.get_type_hints(TrainerOptions)
     holders = {}
     for field in dataclasses.fields(TrainerOptions):
         name, kind = field.name, types[field.name]
