@@ -1,5 +1,6 @@
-"""Resume and faults through the CLI, where users meet them: the flags given now are in force,
-nothing is lost in silence, one run per model_dir, every I/O fault one line."""
+"""Resume and faults through the CLI (run in this process), where users meet them: the flags
+given now are in force, nothing is lost in silence, one run per model_dir, every I/O fault one
+line."""
 
 import json
 import os
@@ -11,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import absltest
 from array_task import ArrayTask, regression_data
-from test_cli import last_line, run_cli
+from cli_runner import CliResult, context, last_line, run_cli
 
 from trainer import TrainerOptions
 
@@ -38,11 +39,11 @@ def scalars(model_dir: str, tag: str) -> dict[int, float]:
 
 
 class ResumeTestCase(absltest.TestCase):
-    def cli(self, *args: str, status: int = 0) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, status: int = 0) -> CliResult:
+        """`python -m trainer ARGS` in this process: exit `status`, no traceback."""
         result = run_cli(*args)
-        context = f"\nstdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-4000:]}"
-        self.assertEqual(result.returncode, status, context)
-        self.assertNotIn("Traceback", result.stderr, context)
+        self.assertEqual(result.returncode, status, context(result))
+        self.assertNotIn("Traceback", result.stderr, context(result))
         return result
 
     def model_dir(self) -> str:
