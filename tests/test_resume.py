@@ -4,9 +4,12 @@ line."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+from typing import ClassVar
 
 import numpy as np
 import tensorflow as tf
@@ -105,10 +108,18 @@ class ExplicitResumeTest(ResumeTestCase):
 
 
 class NothingLostTest(ResumeTestCase):
+    _finished: ClassVar[dict[int, str]] = {}  # steps -> a finished run, trained once per class
+
     def trained(self, steps: int = 300) -> str:
-        model_dir = self.model_dir()
-        self.cli(f"--model_dir={model_dir}", f"--train_steps={steps}", "--checkpoint_every=100",
-                 "--eval_every=100")  # fmt: skip
+        """A copy, of this test's own, of a finished run of `steps` steps."""
+        if steps not in self._finished:
+            source = tempfile.mkdtemp()
+            type(self).addClassCleanup(shutil.rmtree, source, ignore_errors=True)
+            self.cli(f"--model_dir={source}/run", f"--train_steps={steps}",
+                     "--checkpoint_every=100", "--eval_every=100")  # fmt: skip
+            self._finished[steps] = f"{source}/run"
+        model_dir = os.path.join(self.model_dir(), "run")
+        shutil.copytree(self._finished[steps], model_dir)
         return model_dir
 
     def test_garbage_missing_or_empty_state_file_resumes_from_the_files(self):
