@@ -1,10 +1,25 @@
-"""pytest setup: parsed absl flags, 2 logical CPUs for strategy tests, quiet TF logs."""
+"""pytest setup: fixtures importable, a temporary folder of this session's own, parsed absl flags,
+2 logical CPUs for strategy tests, quiet TF logs."""
 
 import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import shutil
+import sys
+import tempfile
 
 from absl import flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Test tasks and plugins, imported by tests and by `--import=` alike.
+FIXTURES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+if FIXTURES_DIR not in sys.path:
+    sys.path.insert(0, FIXTURES_DIR)
+
+# absltest's `create_tempdir("name")` is `<TEST_TMPDIR>/<class>/<test>/name`, emptied first: two
+# sessions at once (another checkout's, say) would share /tmp/absl_testing and empty each other's.
+# Subprocesses (and pytest-xdist's workers) inherit this session's.
+_OWN_TMPDIR = None if "TEST_TMPDIR" in os.environ else tempfile.mkdtemp(prefix="tapeloop_tests_")
+if _OWN_TMPDIR:
+    os.environ["TEST_TMPDIR"] = _OWN_TMPDIR
 
 CPU_REPLICAS = 2
 
@@ -19,6 +34,12 @@ def pytest_configure(config):
     from trainer.distribution import configure_cpu_replicas
 
     configure_cpu_replicas(CPU_REPLICAS)
+
+
+def pytest_unconfigure(config):
+    del config
+    if _OWN_TMPDIR:
+        shutil.rmtree(_OWN_TMPDIR, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

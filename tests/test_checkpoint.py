@@ -3,37 +3,29 @@
 import json
 import os
 import random
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 from array_task import ArrayTask, regression_data, small_model
+from cli_runner import run_cli, run_cli_process
 
 from trainer import ConfigError, Penalty, Preempted, TrainerOptions
 from trainer.run.checkpointing import Checkpointer
 from trainer.run.controller import make_checkpointer
 from trainer.run.files import write_json
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_DIR = os.path.dirname(TESTS_DIR)
 TIMEOUT_S = 180
 
 
-def run_cli(model_dir, *flags, **env):
-    """`python -m trainer --task=resume_regression --deterministic ...`; returns the process."""
-    return subprocess.run(
-        [sys.executable, "-m", "trainer", "--import=ckpt_plugin", "--task=resume_regression",
-         "--deterministic", f"--model_dir={model_dir}", *flags],
-        cwd=REPO_DIR,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
-             "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]), **env},
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )  # fmt: skip
+TASK = ("--import=ckpt_plugin", "--task=resume_regression", "--deterministic")
+
+
+def run_process(model_dir, *flags, **env):
+    """`python -m trainer --task=resume_regression --deterministic ...` as a process (the
+    process is what is killed and preempted); returns it, finished."""
+    return run_cli_process(*TASK, f"--model_dir={model_dir}", *flags, timeout=TIMEOUT_S, **env)
 
 
 def checkpoint_weights(model_dir):
@@ -49,46 +41,52 @@ def checkpoint_weights(model_dir):
 class ResumeTest(tf.test.TestCase):
     """Kill the CLI at a step, rerun the same command: the weights are those of an unbroken run."""
 
+    _reference: list[np.ndarray] | None = None  # an unbroken run's weights, once per class
+
     def setUp(self):
         super().setUp()
         self.root = self.create_tempdir().full_path
-        self.reference_dir = os.path.join(self.root, "unbroken")
-        done = run_cli(self.reference_dir)
-        self.assertEqual(done.returncode, 0, done.stderr[-2000:])
-        self.reference = checkpoint_weights(self.reference_dir)
+
+    def reference(self) -> list[np.ndarray]:
+        if ResumeTest._reference is None:
+            reference_dir = os.path.join(self.create_tempdir().full_path, "unbroken")
+            done = run_process(reference_dir)
+            self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+            ResumeTest._reference = checkpoint_weights(reference_dir)
+        return ResumeTest._reference
 
     def assert_bit_identical(self, model_dir):
-        got = checkpoint_weights(model_dir)
-        self.assertLen(got, len(self.reference))
+        got, reference = checkpoint_weights(model_dir), self.reference()
+        self.assertLen(got, len(reference))
         self.assertGreaterEqual(len(got), 7)  # 3 Dense layers x 2 + the dropout seed state
-        for a, b in zip(got, self.reference):
+        for a, b in zip(got, reference):
             np.testing.assert_array_equal(a, b)
 
     def test_sigkill_at_a_random_step_then_resume_is_bit_identical(self):
         """Deterministic mode: SIGKILL at step 10k (k random), rerun, compare bit for bit."""
         kill_at = 10 * random.Random().randint(1, 5)  # checkpoints are every 25 steps
         model_dir = os.path.join(self.root, "killed")
-        killed = run_cli(model_dir, KILL_AT_STEP=str(kill_at))
+        killed = run_process(model_dir, KILL_AT_STEP=str(kill_at))
         self.assertEqual(killed.returncode, -9, msg=f"kill at {kill_at}: {killed.stderr[-2000:]}")
         self.assertFalse(os.path.exists(os.path.join(model_dir, "results.json")))
-        resumed = run_cli(model_dir)
+        resumed = run_process(model_dir)
         self.assertEqual(resumed.returncode, 0, resumed.stderr[-2000:])
         if kill_at > 25:  # the kill fires in evaluate, which runs before the same step's save
             self.assertIn(f"ckpt-{(kill_at - 1) // 25 * 25}", resumed.stderr)
         self.assert_bit_identical(model_dir)
-        # Rerunning a finished run does not train again.
-        again = run_cli(model_dir)
+        # Rerunning a finished run (here, in this process) does not train again.
+        again = run_cli(*TASK, f"--model_dir={model_dir}")
         self.assertIn("Already at step 60 of 60: not training.", again.stderr)
         self.assert_bit_identical(model_dir)
 
     def test_sigterm_saves_exits_42_and_resumes(self):
         """SIGTERM at step 30: a checkpoint at the next loop boundary, exit 42, exact resume."""
         model_dir = os.path.join(self.root, "preempted")
-        preempted = run_cli(model_dir, SIGTERM_AT_STEP="30")
+        preempted = run_process(model_dir, SIGTERM_AT_STEP="30")
         self.assertEqual(preempted.returncode, 42, preempted.stderr[-2000:])
         self.assertIn("trainer: Preempted (SIGTERM): saved step 35", preempted.stderr)
         self.assertEqual(tf.train.latest_checkpoint(model_dir), os.path.join(model_dir, "ckpt-35"))
-        resumed = run_cli(model_dir)
+        resumed = run_process(model_dir)
         self.assertEqual(resumed.returncode, 0, resumed.stderr[-2000:])
         self.assert_bit_identical(model_dir)
 
@@ -96,10 +94,10 @@ class ResumeTest(tf.test.TestCase):
         """The same preemption with 2 mirrored replicas: saved, exit 42, resumed to the end."""
         model_dir = os.path.join(self.root, "mirrored")
         flags = ["--strategy=mirrored", "--cpu_replicas=2"]
-        preempted = run_cli(model_dir, *flags, SIGTERM_AT_STEP="20")
+        preempted = run_process(model_dir, *flags, SIGTERM_AT_STEP="20")
         self.assertEqual(preempted.returncode, 42, preempted.stderr[-2000:])
         self.assertIn("with 2 replica(s)", preempted.stderr)
-        resumed = run_cli(model_dir, *flags)
+        resumed = run_process(model_dir, *flags)
         self.assertEqual(resumed.returncode, 0, resumed.stderr[-2000:])
         self.assertIn("ckpt-25", resumed.stderr)
         self.assertIn("step 60", resumed.stderr)

@@ -1,66 +1,31 @@
-"""The command line, run as a subprocess: usage errors, the default run, user plugins.
+"""The command line: usage errors, the default run, user plugins, `--help`.
 
-Every bad input must end the process with exit status 2 and one line on stderr,
-`trainer: error: ...`, that names the bad value, never a traceback. Each subprocess imports
-TensorFlow (a few seconds), so the runs that could start training train for one step.
+Every bad input must end with exit status 2 and one line on stderr, `trainer: error: ...`,
+that names the bad value, never a traceback. The CLI runs in this process (`run_cli`), as in a
+fresh one; only the default run and the console script, where the process is what is tested,
+start `python -m trainer` and `tapeloop` (each imports TensorFlow, a few seconds).
 """
 
+import dataclasses
 import json
 import math
 import os
+import re
 import shutil
-import subprocess
 import sys
 
 from absl.testing import absltest, parameterized
+from cli_runner import CliTestCase, context, last_line, run_cli, run_cli_process
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_DIR = os.path.dirname(TESTS_DIR)
-TIMEOUT_S = 120
+from trainer.options import SECTIONS, TrainerOptions, option_help, option_sections
 
-
-def run_cli(*args: str, command: list[str] | None = None) -> subprocess.CompletedProcess:
-    """Runs `python -m trainer ARGS` (or `command + ARGS`) with `tests/` importable.
-
-    `tests/` goes on PYTHONPATH so that `--import=cli_plugin` finds `tests/cli_plugin.py`
-    under `python -m` and the console script alike.
-    """
-    env = dict(os.environ)
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS_DIR, env.get("PYTHONPATH")) if p)
-    command = command or [sys.executable, "-m", "trainer"]
-    return subprocess.run(
-        [*command, *args],
-        cwd=REPO_DIR,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
-
-
-def last_line(text: str) -> str:
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+COMMAND_FLAGS = ("task", "penalty", "import", "describe", "sweep")
 
 
 def tapeloop_script() -> str | None:
     """The `tapeloop` console script next to this interpreter, else the one on PATH."""
     script = os.path.join(os.path.dirname(sys.executable), "tapeloop")
     return script if os.access(script, os.X_OK) else shutil.which("tapeloop")
-
-
-class CliTestCase(parameterized.TestCase):
-    def assert_usage_error(self, result: subprocess.CompletedProcess, *fragments: str) -> None:
-        """Exit status 2, no traceback, and a last stderr line `trainer: error: ...FRAGMENTS...`."""
-        context = f"\nstdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-4000:]}"
-        self.assertEqual(result.returncode, 2, context)
-        self.assertNotIn("Traceback", result.stderr, context)
-        line = last_line(result.stderr)
-        self.assertStartsWith(line, "trainer: error:", context)
-        for fragment in fragments:
-            self.assertIn(fragment, line, context)
 
 
 # (name, flags, fragments of the error line). `--train_steps=1` is passed first, so that a
@@ -145,20 +110,22 @@ class UsageErrorTest(CliTestCase):
         """The installed `tapeloop` console script exits 2 with the same one-line error."""
         script = tapeloop_script()
         self.assertIsNotNone(script, "the `tapeloop` console script is not installed")
-        result = run_cli("--task=nope", "--train_steps=1", command=[script])
+        result = run_cli_process("--task=nope", "--train_steps=1", command=[script])
         self.assert_usage_error(result, "'nope'", "synthetic")
 
 
 class RunTest(CliTestCase):
     def test_no_flags_trains_the_default_task(self):
-        """`python -m trainer` alone trains `synthetic`, exits 0, prints losses and eval."""
-        result = run_cli()
-        context = f"\nstdout:\n{result.stdout}\nstderr:\n{result.stderr[-4000:]}"
-        self.assertEqual(result.returncode, 0, context)
-        self.assertNotIn("Traceback", result.stderr, context)
-        self.assertIn("synthetic: 2000 steps", result.stdout, context)
-        self.assertRegex(result.stdout, r"train \(last loop\): loss=\S+ data_loss=\S+", context)
-        self.assertRegex(result.stdout, r"(?m)^\s*eval: loss=\d", context)
+        """`python -m trainer` alone, as a process (README's set-up command): it trains
+        `synthetic`, exits 0, prints losses and eval."""
+        result = run_cli_process()
+        self.assertEqual(result.returncode, 0, context(result))
+        self.assertNotIn("Traceback", result.stderr, context(result))
+        self.assertIn("synthetic: 2000 steps", result.stdout, context(result))
+        self.assertRegex(
+            result.stdout, r"train \(last loop\): loss=\S+ data_loss=\S+", context(result)
+        )
+        self.assertRegex(result.stdout, r"(?m)^\s*eval: loss=\d", context(result))
 
     def test_every_technique_at_once(self):
         """Schedule + warmup, clipping, accumulation, EMA, L2 and decoupled decay: exit 0,
@@ -172,11 +139,12 @@ class RunTest(CliTestCase):
             "--penalty=decoupled_weight_decay(1e-2)", f"--model_dir={model_dir}",
             f"--export_dir={export_dir}",
         )  # fmt: skip
-        context = f"\nstdout:\n{result.stdout}\nstderr:\n{result.stderr[-4000:]}"
-        self.assertEqual(result.returncode, 0, context)
-        self.assertIn("techniques: lr_schedule=cosine", result.stderr + result.stdout, context)
-        self.assertTrue(os.path.exists(os.path.join(export_dir, "saved_model.pb")), context)
-        self.assertTrue(os.path.exists(os.path.join(model_dir, "results.json")), context)
+        self.assertEqual(result.returncode, 0, context(result))
+        self.assertIn(
+            "techniques: lr_schedule=cosine", result.stderr + result.stdout, context(result)
+        )
+        self.assertTrue(os.path.exists(os.path.join(export_dir, "saved_model.pb")))
+        self.assertTrue(os.path.exists(os.path.join(model_dir, "results.json")))
 
     def test_plugin_task_and_penalty(self):
         """A user's --import'ed task and penalty train; results.json holds the breakdown."""
@@ -188,13 +156,12 @@ class RunTest(CliTestCase):
             "--train_steps=20",
             f"--model_dir={model_dir}",
         )
-        context = f"\nstdout:\n{result.stdout}\nstderr:\n{result.stderr[-4000:]}"
-        self.assertEqual(result.returncode, 0, context)
-        self.assertNotIn("Traceback", result.stderr, context)
-        self.assertIn("tiny_linear: 20 steps", result.stdout, context)
-        self.assertIn("penalty/l1_test=", result.stdout, context)
-        self.assertIn("penalty/l1_test=", result.stderr, context)  # the progress lines
-        self.assertIn("L1(scale=0.01)", result.stderr, context)  # the penalty table
+        self.assertEqual(result.returncode, 0, context(result))
+        self.assertNotIn("Traceback", result.stderr, context(result))
+        self.assertIn("tiny_linear: 20 steps", result.stdout, context(result))
+        self.assertIn("penalty/l1_test=", result.stdout, context(result))
+        self.assertIn("penalty/l1_test=", result.stderr, context(result))  # the progress lines
+        self.assertIn("L1(scale=0.01)", result.stderr, context(result))  # the penalty table
 
         with open(os.path.join(model_dir, "results.json")) as f:
             results = json.load(f)
@@ -220,33 +187,59 @@ class RunTest(CliTestCase):
             "--sweep=l1_test.scale=0,1e-2",
             "--train_steps=20",
         )
-        context = f"\nstdout:\n{result.stdout}\nstderr:\n{result.stderr[-4000:]}"
-        self.assertEqual(result.returncode, 0, context)
+        self.assertEqual(result.returncode, 0, context(result))
         rows = result.stdout.strip().splitlines()[-2:]
-        self.assertEqual([r.split()[0] for r in rows], ["0", "0.01"], context)
+        self.assertEqual([r.split()[0] for r in rows], ["0", "0.01"], context(result))
         losses = [float(r.split()[1]) for r in rows]
-        self.assertNotEqual(losses[0], losses[1], context)
-
-    def test_every_option_is_a_flag_of_the_same_name(self):
-        """`--helpfull` lists one flag per TrainerOptions field, its help from the field doc."""
-        import dataclasses
-
-        from trainer.options import TrainerOptions, field_docs
-
-        result = run_cli("--helpfull")
-        docs = field_docs()
-        for field in dataclasses.fields(TrainerOptions):
-            self.assertRegex(result.stdout, rf"--(\[no\])?{field.name}:", field.name)
-            first_words = " ".join(docs[field.name].split()[:4])
-            self.assertIn(first_words, " ".join(result.stdout.split()), field.name)
+        self.assertNotEqual(losses[0], losses[1], context(result))
 
     def test_diverging_run_exits_1_without_traceback(self):
         """A learning rate that blows the loss up: exit 1 and a one-line `trainer:` message."""
         result = run_cli("--import=cli_plugin", "--task=tiny_linear", "--learning_rate=1e3")
-        context = f"\nstdout:\n{result.stdout}\nstderr:\n{result.stderr[-4000:]}"
-        self.assertEqual(result.returncode, 1, context)
-        self.assertNotIn("Traceback", result.stderr, context)
-        self.assertStartsWith(last_line(result.stderr), "trainer: Non-finite loss", context)
+        self.assertEqual(result.returncode, 1, context(result))
+        self.assertNotIn("Traceback", result.stderr, context(result))
+        self.assertStartsWith(last_line(result.stderr), "trainer: Non-finite loss", context(result))
+
+
+class HelpTest(CliTestCase):
+    def test_help_lists_tapeloops_flags_by_section(self):
+        """`--help` (and `-h`): exit 0, on stdout a usage line, examples, then every option
+        flag under its section, in field order, with its help; absl's flags are not there."""
+        for flag in ("--help", "-h", "--helpshort"):
+            with self.subTest(flag=flag):
+                result = run_cli("--train_steps=0", flag)  # help wins over a bad value
+                self.assertEqual(result.returncode, 0, context(result))
+                self.assertEqual(result.stderr, "", context(result))
+                self.assertStartsWith(result.stdout, "usage: python -m trainer")
+                self.assertIn("examples:\n  python -m trainer --task=synthetic", result.stdout)
+                headings = [line[:-1] for line in result.stdout.splitlines()
+                            if line.endswith(":") and not line.startswith(" ")]  # fmt: skip
+                self.assertEqual(headings, ["examples", "command", *SECTIONS], result.stdout)
+                for name in ("verbosity", "logtostderr", "helpfull", "only_check_args"):
+                    self.assertNotIn(f"--{name}:", result.stdout)
+        sections, heading = {}, None
+        for line in result.stdout.splitlines():
+            if line.endswith(":") and not line.startswith(" "):
+                heading = line[:-1]
+            elif heading:
+                sections[heading] = sections.get(heading, "") + " " + line.strip()
+        for section, names in [*option_sections().items(), ("command", COMMAND_FLAGS)]:
+            flagged = re.findall(r"--(?:\[no\])?(\w+): ", sections[section])
+            self.assertEqual(flagged, list(names), section)
+            for name in names:
+                if name in option_help():
+                    self.assertIn(" ".join(option_help()[name].split()), sections[section])
+
+    def test_helpfull_lists_every_flag(self):
+        """`--helpfull` keeps absl's listing: one flag per TrainerOptions field, its help
+        from the field's metadata, and absl's own flags."""
+        result = run_cli("--helpfull")
+        docs = option_help()
+        for field in dataclasses.fields(TrainerOptions):
+            self.assertRegex(result.stdout, rf"--(\[no\])?{field.name}:", field.name)
+            first_words = " ".join(docs[field.name].split()[:4])
+            self.assertIn(first_words, " ".join(result.stdout.split()), field.name)
+        self.assertIn("--verbosity:", result.stdout)
 
 
 if __name__ == "__main__":

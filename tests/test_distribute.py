@@ -16,6 +16,7 @@ from trainer import L2, ConfigError, DecoupledWeightDecay, SelectiveL2, TrainerO
 from trainer.distribution import make_strategy
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+FIXTURES_DIR = os.path.join(TESTS_DIR, "fixtures")
 REPO_DIR = os.path.dirname(TESTS_DIR)
 WORKER_TIMEOUT_S = 240  # a worker whose peer is missing hangs for minutes otherwise
 
@@ -101,7 +102,7 @@ class MultiWorkerTest(tf.test.TestCase):
     def run_cli(self, out_dir, name, extra_env, flags):
         env = {
             **os.environ,
-            "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]),
+            "PYTHONPATH": os.pathsep.join([FIXTURES_DIR, os.environ.get("PYTHONPATH", "")]),
             "TF_CPP_MIN_LOG_LEVEL": "2",
             "DIST_WEIGHTS_OUT": os.path.join(out_dir, f"{name}.npz"),
             **extra_env,

@@ -15,8 +15,8 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 from array_task import ArrayTask, regression_data
+from cli_runner import CliTestCase, last_line, run_cli
 from loss_term_plugin import Float64Loss, NoneLoss, VectorLoss
-from test_cli import CliTestCase, last_line, run_cli
 
 from trainer import L2, ConfigError, DecoupledWeightDecay, Strength, TrainerOptions
 from trainer.cli import registry

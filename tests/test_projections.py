@@ -5,14 +5,14 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import subprocess
-import sys
+from unittest import mock
 
 import keras
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 from array_task import ArrayTask, regression_data
+from cli_runner import CliResult, run_cli
 from test_penalties import PenaltyTestBase, _run
 
 from trainer import (
@@ -28,10 +28,7 @@ from trainer.distribution import make_strategy
 from trainer.step.projection import Projections
 from trainer.step.update import OptimizerUpdate
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_DIR = os.path.dirname(TESTS_DIR)
 STEPS, BATCH = 50, 16
-TIMEOUT_S = 240
 
 # (Keras constraint, the same as a tapeloop projection), each made fresh per model. The bound
 # 0.5 is below the initial column norms (~0.8), so max_norm acts from the first step.
@@ -420,22 +417,18 @@ class StepTest(EquivalenceTestBase):
         )
 
 
-def run_cli(*flags: str, bound: float) -> subprocess.CompletedProcess:
-    """`python -m trainer --import=maxnorm_plugin --task=norm_check FLAGS`, steps of one."""
-    env = dict(os.environ)
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    env["NORM_CHECK_MAX"] = repr(bound)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS_DIR, env.get("PYTHONPATH")) if p)
-    command = [sys.executable, "-m", "trainer", "--import=maxnorm_plugin", "--task=norm_check"]
-    return subprocess.run(
-        [*command, "--steps_per_loop=1", "--train_steps=10", "--learning_rate=0.05", *flags],
-        cwd=REPO_DIR,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
+def run_norm_check(*flags: str, bound: float) -> CliResult:
+    """`python -m trainer --import=maxnorm_plugin --task=norm_check FLAGS`, steps of one, in
+    this process."""
+    with mock.patch.dict(os.environ, {"NORM_CHECK_MAX": repr(bound)}):
+        return run_cli(
+            "--import=maxnorm_plugin",
+            "--task=norm_check",
+            "--steps_per_loop=1",
+            "--train_steps=10",
+            "--learning_rate=0.05",
+            *flags,
+        )
 
 
 class PluginCliTest(parameterized.TestCase):
@@ -448,7 +441,7 @@ class PluginCliTest(parameterized.TestCase):
     )
     def test_max_norm_plugin_bounds_every_step(self, *flags):
         bound = 0.5
-        result = run_cli("--penalty=max_norm_test(0.5)", *flags, bound=bound)
+        result = run_norm_check("--penalty=max_norm_test(0.5)", *flags, bound=bound)
         context = f"\nstdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-4000:]}"
         self.assertEqual(result.returncode, 0, context)
         line = next(

@@ -47,7 +47,7 @@ class PublicApiTest(tf.test.TestCase):
         names -= {n for n in vars(ArrayTask) if n.startswith("_")}  # the test helper's own
         names -= {"_model_fn", "_loss_fn", "_optimizer_fn"}  # set by ArrayTask.__init__
         self.assertIn("_Trainer__built", names)  # the scan below sees real names
-        sources = glob.glob(os.path.join(TESTS_DIR, "*.py"))
+        sources = glob.glob(os.path.join(TESTS_DIR, "**", "*.py"), recursive=True)
         sources += glob.glob(os.path.join(REPO_DIR, "benchmarks", "**", "*.py"), recursive=True)
         pattern = re.compile(r"\.(" + "|".join(sorted(names)) + r")\b")
         for path in sources:

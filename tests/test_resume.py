@@ -1,17 +1,21 @@
-"""Resume and faults through the CLI, where users meet them: the flags given now are in force,
-nothing is lost in silence, one run per model_dir, every I/O fault one line."""
+"""Resume and faults through the CLI (run in this process), where users meet them: the flags
+given now are in force, nothing is lost in silence, one run per model_dir, every I/O fault one
+line."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+from typing import ClassVar
 
 import numpy as np
 import tensorflow as tf
 from absl.testing import absltest
 from array_task import ArrayTask, regression_data
-from test_cli import last_line, run_cli
+from cli_runner import CliResult, context, last_line, run_cli
 
 from trainer import TrainerOptions
 
@@ -38,11 +42,11 @@ def scalars(model_dir: str, tag: str) -> dict[int, float]:
 
 
 class ResumeTestCase(absltest.TestCase):
-    def cli(self, *args: str, status: int = 0) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, status: int = 0) -> CliResult:
+        """`python -m trainer ARGS` in this process: exit `status`, no traceback."""
         result = run_cli(*args)
-        context = f"\nstdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-4000:]}"
-        self.assertEqual(result.returncode, status, context)
-        self.assertNotIn("Traceback", result.stderr, context)
+        self.assertEqual(result.returncode, status, context(result))
+        self.assertNotIn("Traceback", result.stderr, context(result))
         return result
 
     def model_dir(self) -> str:
@@ -104,10 +108,18 @@ class ExplicitResumeTest(ResumeTestCase):
 
 
 class NothingLostTest(ResumeTestCase):
+    _finished: ClassVar[dict[int, str]] = {}  # steps -> a finished run, trained once per class
+
     def trained(self, steps: int = 300) -> str:
-        model_dir = self.model_dir()
-        self.cli(f"--model_dir={model_dir}", f"--train_steps={steps}", "--checkpoint_every=100",
-                 "--eval_every=100")  # fmt: skip
+        """A copy, of this test's own, of a finished run of `steps` steps."""
+        if steps not in self._finished:
+            source = tempfile.mkdtemp()
+            type(self).addClassCleanup(shutil.rmtree, source, ignore_errors=True)
+            self.cli(f"--model_dir={source}/run", f"--train_steps={steps}",
+                     "--checkpoint_every=100", "--eval_every=100")  # fmt: skip
+            self._finished[steps] = f"{source}/run"
+        model_dir = os.path.join(self.model_dir(), "run")
+        shutil.copytree(self._finished[steps], model_dir)
         return model_dir
 
     def test_garbage_missing_or_empty_state_file_resumes_from_the_files(self):

@@ -14,6 +14,7 @@ from array_task import free_ports
 from trainer.run.signals import StopSignals
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+FIXTURES_DIR = os.path.join(TESTS_DIR, "fixtures")
 REPO_DIR = os.path.dirname(TESTS_DIR)
 TIMEOUT_S = 120  # then SIGKILL: a worker waiting for its peer inside TensorFlow ignores SIGTERM
 CLI = (sys.executable, "-m", "trainer", "--import=dist_plugin", "--task=dist_regression")
@@ -42,7 +43,7 @@ class Cli:
             [*CLI, *flags],
             cwd=REPO_DIR,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
-                 "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]),
+                 "PYTHONPATH": os.pathsep.join([FIXTURES_DIR, os.environ.get("PYTHONPATH", "")]),
                  **env},
             stdout=self.log,
             stderr=subprocess.STDOUT,

@@ -3,21 +3,17 @@
 import glob
 import io
 import os
-import subprocess
-import sys
 
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 from array_task import ArrayTask, mse, regression_data
+from cli_runner import run_cli
 from tensorboard.backend.event_processing import event_accumulator
 
 from trainer import L2, ConfigError, DecoupledWeightDecay, SelectiveL2, TrainerOptions
 from trainer.cli.sweep import parse_sweep, run_sweep
 from trainer.run.progress import Progress
-
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_DIR = os.path.dirname(TESTS_DIR)
 
 
 def read_events(directory):
@@ -159,13 +155,14 @@ class DescribeCliTest(tf.test.TestCase):
     def test_describe_shows_uncovered_biases_and_norms(self):
         """`--describe` on a model with biases and a LayerNorm: no training, a full table."""
         model_dir = self.create_tempdir().full_path
-        done = subprocess.run(
-            [sys.executable, "-m", "trainer", "--import=cli_plugin", "--task=tiny_norm",
-             "--describe", "--penalty=decoupled_weight_decay(0.01)",
-             "--penalty=selective_l2(1e-4, exclude='bias')", f"--model_dir={model_dir}"],
-            cwd=REPO_DIR, capture_output=True, text=True, timeout=120,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": TESTS_DIR},
-        )  # fmt: skip
+        done = run_cli(
+            "--import=cli_plugin",
+            "--task=tiny_norm",
+            "--describe",
+            "--penalty=decoupled_weight_decay(0.01)",
+            "--penalty=selective_l2(1e-4, exclude='bias')",
+            f"--model_dir={model_dir}",
+        )
         self.assertEqual(done.returncode, 0, done.stderr[-2000:])
         lines = done.stdout.splitlines()
         rows = {line.split()[0]: line for line in lines[1:] if line.startswith("tiny/")}
@@ -182,12 +179,7 @@ class DescribeCliTest(tf.test.TestCase):
 
 class ExamplePluginsCliTest(tf.test.TestCase):
     def test_l1_and_l2sp_from_the_cli(self):
-        done = subprocess.run(
-            [sys.executable, "-m", "trainer", "--penalty=l1(1e-4)", "--penalty=l2sp(1e-2)",
-             "--train_steps=200"],
-            cwd=REPO_DIR, capture_output=True, text=True, timeout=120,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-        )  # fmt: skip
+        done = run_cli("--penalty=l1(1e-4)", "--penalty=l2sp(1e-2)", "--train_steps=200")
         self.assertEqual(done.returncode, 0, done.stderr[-2000:])
         self.assertRegex(done.stdout, r"penalty/l1=[0-9.e-]+ penalty/l2sp=[0-9.e-]+")
 

@@ -1,4 +1,4 @@
-"""`python -m trainer`: runs the command line."""
+"""`python -m trainer`: the command line; `--help` lists tapeloop's flags, `--helpfull` all."""
 
 from trainer.cli.main import run
 

@@ -1,9 +1,10 @@
-"""TrainerOptions: every training option, validated once, here; and `make_optimizer`."""
+"""TrainerOptions: every training option with its help, validated once, here."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import textwrap
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,128 +32,247 @@ CHOICES = {
 }
 
 
+# Sections of the command line's help, in order; each field names its own.
+OPTIMIZER = "optimizer"
+DATA = "data"
+LOOP = "loop & evaluation"
+CHECKPOINTS = "checkpoints & export"
+TECHNIQUES = "techniques: schedules, clipping, accumulation, EMA"
+RUNS = "runs: early stopping, rollback, profiling"
+DISTRIBUTION = "distribution & precision"
+SECTIONS = (OPTIMIZER, DATA, LOOP, CHECKPOINTS, TECHNIQUES, RUNS, DISTRIBUTION)
+
+
+def _option(default: Any, section: str, text: str, *, recorded: bool = False) -> Any:
+    """A `TrainerOptions` field: its default and, as metadata, its help, its section and
+    whether it is recorded with a run (a new value on resume is in force, and logged)."""
+    return dataclasses.field(
+        default=default, metadata={"help": text, "section": section, "recorded": recorded}
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainerOptions:
     """How to train: the optimizer, batch, step counts and where to write.
 
-    Each field is also a command-line flag of the same name (`--learning_rate=...`), with
-    the text below as its help.
-
-    Attributes:
-      optimizer: the optimizer of the default `Trainer.build_optimizer`: sgd, momentum (SGD
-        with momentum 0.9), adam, adamw (Keras AdamW: weight_decay 0.004 on every trainable
-        variable, shown in the penalty table), rmsprop, adagrad or nadam.
-      learning_rate: the optimizer's learning rate, positive.
-      batch_size: examples per training step (the global batch), positive.
-      train_steps: total optimizer steps, positive.
-      steps_per_loop: steps run inside one tf.function call, between progress lines;
-        positive. Larger is faster; results do not depend on it.
-      eval_every: evaluate every this many steps (a loop is cut short to end there); 0
-        evaluates only at the end.
-      model_dir: directory (a local path or a tf.io.gfile URL such as gs://...) for
-        checkpoints, TensorBoard summaries and results.json; None writes nothing.
-      data_dir: where TFDS tasks look for prepared data; None for TFDS' default.
-      in_memory_fraction: for tasks that read their data with `read_to_memory` (mnist,
-        cifar10): the most of the physical RAM the training data may take, as stored, to be
-        held in memory and batched in-graph; above it, the data comes through a tf.data
-        pipeline. From 0 (always tf.data) to 1.
-      seed: seeds Python, NumPy, TensorFlow and Keras for initialisation and shuffling.
-      use_tf_function: False runs the very same step eagerly, for debugging.
-      strategy: the tf.distribute strategy: default (none), mirrored (all local GPUs),
-        multi_worker (cluster from TF_CONFIG) or tpu; ignored when the Trainer is given a
-        strategy object.
-      cpu_replicas: with strategy mirrored, mirror over this many logical CPUs (for
-        testing); 0 uses the real devices.
-      mixed_precision: None, mixed_bfloat16 (the CPU choice) or mixed_float16 (GPUs; adds a
-        LossScaleOptimizer). Weights and penalties stay float32.
-      jit_compile: XLA. None (the default) compiles the whole multi-step loop when the task
-        gives train_arrays, there is no distribution strategy and the model has no
-        convolutions on a CPU-only machine, and falls back without XLA if it does not
-        compile; True compiles the loop (or, with a tf.data input, the step) always; False
-        never.
-      checkpoint_every: with model_dir, save a checkpoint every this many steps (and at the
-        end, and on SIGTERM); 0 saves only at the end and on SIGTERM.
-      resume_from: a checkpoint path (<model_dir>/ckpt-<step>) to resume from instead of
-        the latest one, e.g. when the latest is damaged.
-      export_dir: write the trained model there as a SavedModel (model.export).
-      deterministic: enable TensorFlow's op determinism, so that a resumed run ends with
-        weights bit-identical to an uninterrupted one.
-      summary_every: with model_dir, write TensorBoard scalars every this many steps from
-        inside the train loop; 0 writes none.
-      peer_timeout: with strategy multi_worker, seconds to wait for the other tasks in
-        TF_CONFIG to start; then exit with one line naming the missing ones (status 75). 0
-        waits forever.
-      lr_schedule: the learning rate over train_steps, applied by the default
-        build_optimizer: constant, cosine (Keras CosineDecay / optax
-        warmup_cosine_decay_schedule) or linear decay to end_learning_rate, after
-        warmup_steps of linear warmup from 0 to learning_rate.
-      warmup_steps: optimizer steps of linear warmup from 0 to learning_rate, from 0 to
-        train_steps.
-      end_learning_rate: the rate cosine or linear decays to at train_steps, from 0 to
-        learning_rate.
-      clip_global_norm: clip the global norm of the whole gradient (data loss, loss
-        penalties, Keras regularizers; over all replicas) to this before the update; 0 (the
-        default) does not clip. Decoupled decay is not clipped.
-      accumulate_steps: split each batch into this many micro-batches of batch_size /
-        accumulate_steps, sum their gradients and make one optimizer step; must divide
-        batch_size. Penalties, decoupled decay and the EMA count once per optimizer step.
-      ema_decay: keep an exponential moving average of the weights, ema = d*ema + (1-d)*w
-        per optimizer step (Keras' use_ema formula), used for evaluation, export and
-        results while training continues on the raw weights; from 0 (off, the default) to
-        below 1.
-      early_stop_patience: stop after this many evaluations in a row without an improvement
-        of the task's held-out metric (Trainer.sweep_metric, by default the eval loss) by
-        more than early_stop_min_delta; needs eval_every. 0 (the default) never stops early.
-      early_stop_min_delta: the least change of the held-out metric that counts as an
-        improvement for early_stop_patience, non-negative.
-      keep_best: with model_dir, keep the weights of the best evaluation (the EMA ones with
-        ema_decay) as a checkpoint in <model_dir>/best/, never rotated out; with export_dir,
-        export those weights instead of the last ones. Needs eval_every.
-      on_nonfinite: what a non-finite loss does: stop (exit 1, naming the step and the
-        term) or rollback (to the last checkpoint, or the initial state without one, with
-        the learning rate times rollback_lr_factor; after max_rollbacks, stop).
-      max_rollbacks: with on_nonfinite=rollback, the most rollbacks of a run, positive.
-      rollback_lr_factor: with on_nonfinite=rollback, what each rollback multiplies a
-        constant learning rate by, from 0 (excluded) to 1; a schedule is left unchanged.
-      profile_steps: 'A,B' (0 <= A < B <= train_steps): with model_dir, a TensorFlow
-        profiler trace of the steps from A to B (loops are cut at A and B) in
-        <model_dir>/plugins/profile/, for TensorBoard's Profile tab.
+    Each field is also a command-line flag of the same name (`--learning_rate=...`). Its text
+    lives beside it, in the field's metadata: `help` (the flag's help, and this docstring's
+    `Attributes:` section, appended from it when the module loads), `section` (its group in
+    `--help`) and `recorded` (recorded with a run: a new value on resume is logged).
     """
 
-    optimizer: str = "adam"
-    learning_rate: float = 1e-3
-    batch_size: int = 128
-    train_steps: int = 1000
-    steps_per_loop: int = 100
-    eval_every: int = 0
-    model_dir: str | None = None
-    data_dir: str | None = None
-    in_memory_fraction: float = 0.25
-    seed: int = 0
-    use_tf_function: bool = True
-    strategy: str = "default"
-    cpu_replicas: int = 0
-    mixed_precision: str | None = None
-    jit_compile: bool | None = None
-    checkpoint_every: int = 1000
-    resume_from: str | None = None
-    export_dir: str | None = None
-    deterministic: bool = False
-    summary_every: int = 100
-    peer_timeout: int = 120
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    end_learning_rate: float = 0.0
-    clip_global_norm: float = 0.0
-    accumulate_steps: int = 1
-    ema_decay: float = 0.0
-    early_stop_patience: int = 0
-    early_stop_min_delta: float = 0.0
-    keep_best: bool = False
-    on_nonfinite: str = "stop"
-    max_rollbacks: int = 3
-    rollback_lr_factor: float = 0.5
-    profile_steps: str | None = None
+    optimizer: str = _option(
+        "adam",
+        OPTIMIZER,
+        "the optimizer of the default `Trainer.build_optimizer`: sgd, momentum (SGD with momentum "
+        "0.9), adam, adamw (Keras AdamW: weight_decay 0.004 on every trainable variable, shown in "
+        "the penalty table), rmsprop, adagrad or nadam.",
+    )
+    learning_rate: float = _option(1e-3, OPTIMIZER, "the optimizer's learning rate, positive.")
+    batch_size: int = _option(
+        128,
+        DATA,
+        "examples per training step (the global batch), positive.",
+        recorded=True,
+    )
+    train_steps: int = _option(1000, LOOP, "total optimizer steps, positive.", recorded=True)
+    steps_per_loop: int = _option(
+        100,
+        LOOP,
+        "steps run inside one tf.function call, between progress lines; positive. Larger is "
+        "faster; results do not depend on it.",
+        recorded=True,
+    )
+    eval_every: int = _option(
+        0,
+        LOOP,
+        "evaluate every this many steps (a loop is cut short to end there); 0 evaluates only at "
+        "the end.",
+        recorded=True,
+    )
+    model_dir: str | None = _option(
+        None,
+        CHECKPOINTS,
+        "directory (a local path or a tf.io.gfile URL such as gs://...) for checkpoints, "
+        "TensorBoard summaries and results.json; None writes nothing.",
+    )
+    data_dir: str | None = _option(
+        None,
+        DATA,
+        "where TFDS tasks look for prepared data; None for TFDS' default.",
+    )
+    in_memory_fraction: float = _option(
+        0.25,
+        DATA,
+        "for tasks that read their data with `read_to_memory` (mnist, cifar10): the most of the "
+        "physical RAM the training data may take, as stored, to be held in memory and batched "
+        "in-graph; above it, the data comes through a tf.data pipeline. From 0 (always tf.data) "
+        "to 1.",
+    )
+    seed: int = _option(
+        0,
+        DATA,
+        "seeds Python, NumPy, TensorFlow and Keras for initialisation and shuffling.",
+        recorded=True,
+    )
+    use_tf_function: bool = _option(
+        True,
+        LOOP,
+        "False runs the very same step eagerly, for debugging.",
+    )
+    strategy: str = _option(
+        "default",
+        DISTRIBUTION,
+        "the tf.distribute strategy: default (none), mirrored (all local GPUs), multi_worker "
+        "(cluster from TF_CONFIG) or tpu; ignored when the Trainer is given a strategy object.",
+    )
+    cpu_replicas: int = _option(
+        0,
+        DISTRIBUTION,
+        "with strategy mirrored, mirror over this many logical CPUs (for testing); 0 uses the real "
+        "devices.",
+    )
+    mixed_precision: str | None = _option(
+        None,
+        DISTRIBUTION,
+        "None, mixed_bfloat16 (the CPU choice) or mixed_float16 (GPUs; adds a LossScaleOptimizer). "
+        "Weights and penalties stay float32.",
+    )
+    jit_compile: bool | None = _option(
+        None,
+        DISTRIBUTION,
+        "XLA. None (the default) compiles the whole multi-step loop when the task gives "
+        "train_arrays, there is no distribution strategy and the model has no convolutions on a "
+        "CPU-only machine, and falls back without XLA if it does not compile; True compiles the "
+        "loop (or, with a tf.data input, the step) always; False never.",
+    )
+    checkpoint_every: int = _option(
+        1000,
+        CHECKPOINTS,
+        "with model_dir, save a checkpoint every this many steps (and at the end, and on SIGTERM); "
+        "0 saves only at the end and on SIGTERM.",
+        recorded=True,
+    )
+    resume_from: str | None = _option(
+        None,
+        CHECKPOINTS,
+        "a checkpoint path (<model_dir>/ckpt-<step>) to resume from instead of the latest one, "
+        "e.g. when the latest is damaged.",
+    )
+    export_dir: str | None = _option(
+        None,
+        CHECKPOINTS,
+        "write the trained model there as a SavedModel (model.export).",
+    )
+    deterministic: bool = _option(
+        False,
+        CHECKPOINTS,
+        "enable TensorFlow's op determinism, so that a resumed run ends with weights bit-identical "
+        "to an uninterrupted one.",
+    )
+    summary_every: int = _option(
+        100,
+        LOOP,
+        "with model_dir, write TensorBoard scalars every this many steps from inside the train "
+        "loop; 0 writes none.",
+        recorded=True,
+    )
+    peer_timeout: int = _option(
+        120,
+        DISTRIBUTION,
+        "with strategy multi_worker, seconds to wait for the other tasks in TF_CONFIG to start; "
+        "then exit with one line naming the missing ones (status 75). 0 waits forever.",
+    )
+    lr_schedule: str = _option(
+        "constant",
+        TECHNIQUES,
+        "the learning rate over train_steps, applied by the default build_optimizer: constant, "
+        "cosine (Keras CosineDecay / optax warmup_cosine_decay_schedule) or linear decay to "
+        "end_learning_rate, after warmup_steps of linear warmup from 0 to learning_rate.",
+        recorded=True,
+    )
+    warmup_steps: int = _option(
+        0,
+        TECHNIQUES,
+        "optimizer steps of linear warmup from 0 to learning_rate, from 0 to train_steps.",
+        recorded=True,
+    )
+    end_learning_rate: float = _option(
+        0.0,
+        TECHNIQUES,
+        "the rate cosine or linear decays to at train_steps, from 0 to learning_rate.",
+        recorded=True,
+    )
+    clip_global_norm: float = _option(
+        0.0,
+        TECHNIQUES,
+        "clip the global norm of the whole gradient (data loss, loss penalties, Keras "
+        "regularizers; over all replicas) to this before the update; 0 (the default) does not "
+        "clip. Decoupled decay is not clipped.",
+        recorded=True,
+    )
+    accumulate_steps: int = _option(
+        1,
+        TECHNIQUES,
+        "split each batch into this many micro-batches of batch_size / accumulate_steps, sum their "
+        "gradients and make one optimizer step; must divide batch_size. Penalties, decoupled decay "
+        "and the EMA count once per optimizer step.",
+        recorded=True,
+    )
+    ema_decay: float = _option(
+        0.0,
+        TECHNIQUES,
+        "keep an exponential moving average of the weights, ema = d*ema + (1-d)*w per optimizer "
+        "step (Keras' use_ema formula), used for evaluation, export and results while training "
+        "continues on the raw weights; from 0 (off, the default) to below 1.",
+        recorded=True,
+    )
+    early_stop_patience: int = _option(
+        0,
+        RUNS,
+        "stop after this many evaluations in a row without an improvement of the task's held-out "
+        "metric (Trainer.sweep_metric, by default the eval loss) by more than "
+        "early_stop_min_delta; needs eval_every. 0 (the default) never stops early.",
+        recorded=True,
+    )
+    early_stop_min_delta: float = _option(
+        0.0,
+        RUNS,
+        "the least change of the held-out metric that counts as an improvement for "
+        "early_stop_patience, non-negative.",
+    )
+    keep_best: bool = _option(
+        False,
+        RUNS,
+        "with model_dir, keep the weights of the best evaluation (the EMA ones with ema_decay) as "
+        "a checkpoint in <model_dir>/best/, never rotated out; with export_dir, export those "
+        "weights instead of the last ones. Needs eval_every.",
+    )
+    on_nonfinite: str = _option(
+        "stop",
+        RUNS,
+        "what a non-finite loss does: stop (exit 1, naming the step and the term) or rollback (to "
+        "the last checkpoint, or the initial state without one, with the learning rate times "
+        "rollback_lr_factor; after max_rollbacks, stop).",
+    )
+    max_rollbacks: int = _option(
+        3,
+        RUNS,
+        "with on_nonfinite=rollback, the most rollbacks of a run, positive.",
+    )
+    rollback_lr_factor: float = _option(
+        0.5,
+        RUNS,
+        "with on_nonfinite=rollback, what each rollback multiplies a constant learning rate by, "
+        "from 0 (excluded) to 1; a schedule is left unchanged.",
+    )
+    profile_steps: str | None = _option(
+        None,
+        RUNS,
+        "'A,B' (0 <= A < B <= train_steps): with model_dir, a TensorFlow profiler trace of the "
+        "steps from A to B (loops are cut at A and B) in <model_dir>/plugins/profile/, for "
+        "TensorBoard's Profile tab.",
+    )
 
     def __post_init__(self):
         for name in ("batch_size", "train_steps", "steps_per_loop"):
@@ -253,16 +373,36 @@ def options_with(
     return TrainerOptions(**{**defaults, **overrides})
 
 
-def field_docs() -> dict[str, str]:
-    """Each `TrainerOptions` field's text from the class docstring's `Attributes:` section."""
-    section = TrainerOptions.__doc__.split("Attributes:", 1)[1]
-    docs: dict[str, str] = {}
-    name = None
-    for line in section.splitlines():
-        match = re.match(r"^ {6}(\w+): (.*)$", line)
-        if match:
-            name = match.group(1)
-            docs[name] = match.group(2)
-        elif name and line.strip():
-            docs[name] += " " + line.strip()
-    return docs
+def option_help() -> dict[str, str]:
+    """Each `TrainerOptions` field's help text, from its metadata."""
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(TrainerOptions)}
+
+
+def option_sections() -> dict[str, list[str]]:
+    """The `TrainerOptions` field names of each section, sections and fields in order."""
+    sections: dict[str, list[str]] = {section: [] for section in SECTIONS}
+    for field in dataclasses.fields(TrainerOptions):
+        sections[field.metadata["section"]].append(field.name)
+    return sections
+
+
+def recorded_options() -> tuple[str, ...]:
+    """The fields recorded with a run: on resume, a new value is in force and logged."""
+    return tuple(f.name for f in dataclasses.fields(TrainerOptions) if f.metadata["recorded"])
+
+
+def _attributes_section() -> str:
+    """The Google-style `Attributes:` section of `TrainerOptions`, from the fields' help."""
+    lines = ["", "    Attributes:"]
+    for name, text in option_help().items():
+        lines += textwrap.wrap(
+            f"{name}: {text}",
+            96,
+            initial_indent="      ",
+            subsequent_indent="        ",
+            break_on_hyphens=False,
+        )
+    return "\n".join(lines) + "\n"
+
+
+TrainerOptions.__doc__ += _attributes_section()

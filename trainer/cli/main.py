@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import typing
+from collections.abc import Sequence
 
 import tensorflow as tf
 from absl import app, flags, logging
@@ -13,7 +15,7 @@ from trainer.cli import registry
 from trainer.cli.sweep import parse_sweep, run_sweep
 from trainer.distribution import PeerTimeout
 from trainer.errors import ConfigError
-from trainer.options import CHOICES, TrainerOptions, field_docs
+from trainer.options import CHOICES, TrainerOptions, option_help, option_sections
 from trainer.run import files
 from trainer.run.controller import Preempted
 from trainer.run.progress import format_losses
@@ -28,7 +30,10 @@ _PENALTY = flags.DEFINE_multi_string(
     "\"selective_l2(1e-4, exclude='bias')\"; repeat the flag for several.",
 )
 _IMPORT = flags.DEFINE_multi_string(
-    "import", [], "Python module to import before running (registers user tasks and penalties)."
+    "import",
+    [],
+    "Python module to import before running (registers user tasks and penalties); repeat the "
+    "flag for several.",
 )
 _DESCRIBE = flags.DEFINE_bool(
     "describe", False, "Print which variables each penalty covers (and which none), then exit."
@@ -46,7 +51,7 @@ def _define_option_flags() -> dict[str, flags.FlagHolder]:
     Every flag defaults to None: a flag not given keeps the task's `default_options` (and
     then the field's default).
     """
-    docs, types = field_docs(), typing.get_type_hints(TrainerOptions)
+    docs, types = option_help(), typing.get_type_hints(TrainerOptions)
     holders = {}
     for field in dataclasses.fields(TrainerOptions):
         name, kind = field.name, types[field.name]
@@ -75,7 +80,58 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+_USAGE = """\
+usage: python -m trainer [--task=NAME] [--penalty=SPEC ...] [--OPTION=VALUE ...]
+   or: tapeloop [the same flags]
+
+Trains a registered task in a custom TensorFlow loop, then prints its losses and evaluation.
+Every option below is a flag; one not given keeps the task's default. Bad input ends with one
+line, `trainer: error: ...`, and exit status 2.
+
+examples:
+  python -m trainer --task=synthetic --penalty="selective_l2(1e-2, exclude='bias')" \\
+      --penalty="decoupled_weight_decay(1e-3)" --train_steps=2000 --model_dir=runs/synthetic
+  python -m trainer --import=my_penalties --penalty="elastic_net(exclude='bias')" \\
+      --sweep="elastic_net.l2=0,1e-3" --train_steps=500
+"""
+# Arguments that ask for help (absl's `--help` would print only the key flags of `__main__`,
+# and exit 1).
+_HELP_ARGS = frozenset({"-h", "-?", "-help", "--help", "-helpshort", "--helpshort"})
+
+
+def _flag_help(name: str) -> str:
+    """One flag's entry: `--name: help`, wrapped to the terminal and indented."""
+    flag = flags.FLAGS[name]
+    # absl appends "; repeat this option ..." to a multi-string flag's help: ours says so.
+    help_text = re.sub(r";\s*repeat this option to specify a list of values$", "", flag.help)
+    text = f"--{'[no]' if flag.boolean else ''}{name}: {help_text}"
+    if flag.default not in (None, False, []):  # an option flag's help names its default
+        text += f" (default: {flag.default!r})"
+    return flags.text_wrap(text, indent="      ", firstline_indent="  ")
+
+
+def usage() -> str:
+    """The text of `--help`: a usage line, examples, then tapeloop's own flags by section.
+
+    absl's and TensorFlow's flags are left to `--helpfull`.
+    """
+    command = [h.name for h in (_TASK, _PENALTY, _IMPORT, _DESCRIBE, _SWEEP)]
+    sections = {"command": command, **option_sections()}
+    parts = [_USAGE]
+    for section, names in sections.items():
+        parts.append(f"{section}:\n" + "\n".join(_flag_help(name) for name in names) + "\n")
+    parts.append(
+        "  --flagfile=FILE reads flags from FILE, one per line; --helpfull lists every flag,\n"
+        "  absl's and TensorFlow's included.\n"
+    )
+    return "\n".join(parts)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
+    arguments = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
+    if _HELP_ARGS.intersection(arguments):
+        print(usage(), end="")
+        sys.exit(0)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
@@ -152,6 +208,15 @@ def main(argv: list[str]) -> None:
     )
 
 
-def run() -> None:
-    """Entry point of `python -m trainer` and the `tapeloop` console script."""
-    app.run(main, flags_parser=_parse_flags)
+def run(argv: Sequence[str] | None = None) -> None:
+    """Runs the command line: `python -m trainer`, the `tapeloop` console script, or a caller
+    that passes its own `argv` (tests run the CLI in their process this way).
+
+    Args:
+      argv: the command line, the program's name first; None reads `sys.argv`.
+
+    Raises:
+      SystemExit: always, with the exit status: 0 done, 1 a failed run, 2 bad input, 42 and
+        130 preempted or interrupted (saved), 75 a missing peer.
+    """
+    app.run(main, argv=None if argv is None else list(argv), flags_parser=_parse_flags)

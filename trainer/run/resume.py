@@ -7,24 +7,12 @@ from typing import Any
 
 from trainer.errors import ConfigError
 from trainer.optimizers import inner, learning_rate_setting
+from trainer.options import recorded_options
 from trainer.run.protocol import Runnable
 
-# Options recorded with a run; a new value on resume is in force, and logged.
-_RECORDED_OPTIONS = (
-    "batch_size",
-    "seed",
-    "steps_per_loop",
-    "eval_every",
-    "checkpoint_every",
-    "summary_every",
-    "train_steps",
-    "lr_schedule",
-    "warmup_steps",
-    "end_learning_rate",
-    "clip_global_norm",
-    "accumulate_steps",
-    "ema_decay",
-)
+# Options recorded with a run (`recorded` in their metadata); a new value on resume is in force,
+# and logged.
+_RECORDED_OPTIONS = recorded_options()
 
 
 def settings(trainer: Runnable) -> dict[str, Any]:
