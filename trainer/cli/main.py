@@ -21,6 +21,7 @@ from trainer.run.controller import Preempted
 from trainer.run.progress import format_losses
 from trainer.run.signals import INTERRUPTED_EXIT_STATUS
 from trainer.run.summaries import write_text
+from trainer.step.trainer import Trainer
 
 _TASK = flags.DEFINE_string("task", "synthetic", "Registered task to run.")
 _PENALTY = flags.DEFINE_multi_string(
@@ -138,7 +139,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _fail(str(e).splitlines()[0])
 
 
-def build_trainer():
+def build_trainer() -> Trainer:
     """Builds the task's Trainer from the parsed flags.
 
     Raises:
@@ -153,7 +154,7 @@ def build_trainer():
     return task(task.make_options(**overrides), penalties=penalties)
 
 
-def describe(trainer) -> None:
+def describe(trainer: Trainer) -> None:
     """Prints the penalty coverage table (and writes it to TensorBoard with --model_dir)."""
     table = trainer.penalty_table()
     print(table)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
 
 from trainer.errors import ConfigError
 from trainer.run import files, summaries
 from trainer.run.controller import TrainResult
+
+if TYPE_CHECKING:  # the Trainer module imports the controller, as this one does
+    from trainer.step.trainer import Trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +51,7 @@ def parse_sweep(spec: str) -> SweepSpec:
     return SweepSpec(penalty, attribute, values)
 
 
-def _target(trainer: Any, spec: SweepSpec) -> Any:
+def _target(trainer: Trainer, spec: SweepSpec) -> Any:
     by_name = {p.name: p for p in trainer.penalties}
     if spec.penalty not in by_name:
         raise ConfigError(
@@ -71,7 +74,7 @@ def _target(trainer: Any, spec: SweepSpec) -> Any:
     return penalty
 
 
-def run_sweep(trainer: Any, spec: SweepSpec) -> tuple[list[dict[str, Any]], str]:
+def run_sweep(trainer: Trainer, spec: SweepSpec) -> tuple[list[dict[str, Any]], str]:
     """Trains `trainer` once per value, each run from the same initial state.
 
     Every value is checked as the strength checks an assignment before the first run. Only
