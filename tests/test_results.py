@@ -89,13 +89,13 @@ class ResultsTestCase(ResumeTestCase):
 
 
 class KilledAndResumedTest(ResultsTestCase):
-    def start_and_kill(self, model_dir: str, delay: float) -> int:
+    def start_and_kill(self, model_dir: str, delay: float) -> tuple[int, str]:
         """Starts `python -m trainer FLAGS`, kills it (SIGKILL) `delay` seconds after it first
-        writes results.json (so it has trained), and returns its exit status (0 if it
-        finished first)."""
+        writes results.json (so it has trained); returns its exit status (0 if it finished
+        first) and the end of its output."""
         path = os.path.join(model_dir, "results.json")
         before = stamp(path)
-        log = open(os.path.join(os.path.dirname(model_dir), f"run-{time.monotonic_ns()}.log"), "w")
+        log = tempfile.TemporaryFile("w+")
         self.addCleanup(log.close)
         path_list = os.pathsep.join([FIXTURES_DIR, os.environ.get("PYTHONPATH", "")])
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": path_list}
@@ -110,7 +110,9 @@ class KilledAndResumedTest(ResultsTestCase):
         time.sleep(delay)
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
-        return process.wait(timeout=TIMEOUT_S)
+        status = process.wait(timeout=TIMEOUT_S)
+        log.seek(0)
+        return status, log.read()[-3000:]
 
     def test_sigkill_at_random_moments_then_rerun_keeps_every_evaluation_once(self):
         """Three SIGKILLs at seeded random moments (in a loop, an evaluation, a checkpoint or
@@ -121,8 +123,8 @@ class KilledAndResumedTest(ResultsTestCase):
         rng = random.Random(8)  # 0.13 s, 0.39 s, 0.09 s
         killed = []
         for delay in [rng.uniform(0.05, 0.4) for _ in range(3)]:
-            status = self.start_and_kill(model_dir, delay)
-            self.assertIn(status, (-signal.SIGKILL, 0), f"delay {delay}")
+            status, output = self.start_and_kill(model_dir, delay)
+            self.assertIn(status, (-signal.SIGKILL, 0), f"delay {delay}: {output}")
             if status == 0:
                 break
             written = read_results(model_dir)
@@ -203,14 +205,29 @@ class FaultsAndRerunsTest(ResultsTestCase):
         self.assertIn("Stopped early before", rerun.stderr)
         self.assertEqual(read_results(stopped), before)
 
-    def test_results_lost_with_a_checkpoint_is_one_warning_and_the_run_goes_on(self):
-        model_dir = self.copy_of_reference()
-        os.remove(os.path.join(model_dir, "results.json"))
-        resumed = self.cli(*FLAGS, "--train_steps=220", f"--model_dir={model_dir}")
-        lines = [line for line in resumed.stderr.splitlines() if "cannot be recovered" in line]
-        self.assertLen(lines, 1, context(resumed))
-        self.assertIn(f"{model_dir}/results.json is missing: the results up to step 200", lines[0])
-        self.assertEqual([h["step"] for h in read_results(model_dir)["history"]], [210, 220])
+    def test_results_lost_or_older_than_the_checkpoint_is_one_warning_and_the_run_goes_on(self):
+        """results.json removed, or put back from step 100, beside ckpt-200: one warning line
+        naming the steps; the run goes on to 220 and keeps what the file still held."""
+        reference = self.reference_results()
+        older = {**reference, "step": 100, "history": reference["history"][:10]}
+        for content, warning, kept in (
+            (None, "results.json is missing: the results up to step 200", []),
+            (older, "results.json ends at step 100, before the checkpoint resumed from (step 200)",
+             reference["history"][:10]),
+        ):  # fmt: skip
+            with self.subTest(warning=warning):
+                model_dir = self.copy_of_reference()
+                path = os.path.join(model_dir, "results.json")
+                os.remove(path)
+                if content is not None:
+                    files.write_json(path, content)
+                resumed = self.cli(*FLAGS, "--train_steps=220", f"--model_dir={model_dir}")
+                lines = [x for x in resumed.stderr.splitlines() if "cannot be recovered" in x]
+                self.assertLen(lines, 1, context(resumed))
+                self.assertIn(warning, lines[0])
+                history = read_results(model_dir)["history"]
+                self.assertEqual(history[:-2], kept)
+                self.assertEqual([h["step"] for h in history[-2:]], [210, 220])
 
 
 class DamagedResultsTest(ResultsTestCase):

@@ -281,8 +281,8 @@ class Controller:
                 for line in resume.changes(checkpointer.saved_settings, resume.settings(trainer)):
                     logging.info("Resuming with a change: %s", line)
             if checkpointer.restore(opts.resume_from):
-                if previous is None and trainer.is_chief:
-                    _history_lost(model_dir, trainer.step)
+                if trainer.is_chief:
+                    _warn_if_history_lost(model_dir, previous, trainer.step)
                 if states:  # a checkpoint without a callback's state leaves it as it is
                     path = opts.resume_from or checkpointer.latest
                     if "watch" in states:  # where checkpoints before the callbacks kept it
@@ -519,15 +519,28 @@ class _Clock:
         result.input_wait_share = self.input_wait.finish() if final else self.input_wait.share
 
 
-def _history_lost(model_dir: str, step: int) -> None:
-    """Says, in one line, that the results up to the checkpoint resumed from are gone."""
-    logging.warning(
-        "%s is missing: the results up to step %d (the checkpoint resumed from), its "
-        "evaluations among them, cannot be recovered; its history starts after step %d.",
-        files.join(model_dir, RESULTS),
-        step,
-        step,
-    )
+def _warn_if_history_lost(model_dir: str, previous: dict[str, Any] | None, step: int) -> None:
+    """Says, in one line, when the results up to `step`, the checkpoint resumed from, are
+    gone (results.json missing) or end earlier (an older one, put back or left by a version
+    that wrote it only at the end)."""
+    path = files.join(model_dir, RESULTS)
+    if previous is None:
+        logging.warning(
+            "%s is missing: the results up to step %d (the checkpoint resumed from), its "
+            "evaluations among them, cannot be recovered; its history starts after step %d.",
+            path,
+            step,
+            step,
+        )
+    elif previous["step"] < step:
+        logging.warning(
+            "%s ends at step %d, before the checkpoint resumed from (step %d): the "
+            "evaluations between cannot be recovered; its history goes on after step %d.",
+            path,
+            previous["step"],
+            step,
+            step,
+        )
 
 
 def _remove_temporary_results(model_dir: str) -> None:
