@@ -24,6 +24,7 @@ from test_resume import ResumeTestCase
 from tasks.synthetic import SyntheticRegression
 from trainer import TrainerOptions, register_task
 from trainer.run import files, records
+from trainer.run.checkpointing import Checkpointer
 from trainer.run.controller import RESULTS_SCHEMA
 
 TIMEOUT_S = 120
@@ -295,28 +296,45 @@ def options(**kwargs) -> TrainerOptions:
 
 
 class InProcessTest(ResumeTestCase):
-    def test_a_rollback_drops_the_evaluations_it_undoes(self):
-        """Evaluations at 10, 20, 30; the loop to 40 blows up; back to ckpt-20: the history
-        written then ends at 20; the run ends with each step once, 30 evaluated again."""
+    def test_each_checkpoint_follows_results_at_its_step_and_a_rollback_drops_what_it_undoes(
+        self,
+    ):
+        """Evaluations at 10, 20, 30; the loop to 40 blows up; back to ckpt-20: results.json
+        is written then with the history to 20; the run ends with each step once, 30 evaluated
+        again. Every checkpoint is saved right after results.json is written at its step (a
+        kill between the two leaves no evaluation out of the file)."""
         model_dir = self.model_dir()
         x, y = regression_data()
         task = PoisonedOnce(x, y, options(train_steps=60, steps_per_loop=10, eval_every=10,
                                           checkpoint_every=20, model_dir=model_dir,
                                           on_nonfinite="rollback"))  # fmt: skip
-        written = []
-        write_json = files.write_json
+        events = []
+        write_json, save = files.write_json, Checkpointer.save
 
-        def spy(path, value):
+        def write_spy(path, value):
             if path.endswith("results.json"):
-                written.append([h["step"] for h in value["history"]])
+                events.append(("results", value["step"], [h["step"] for h in value["history"]]))
             write_json(path, value)
 
-        with mock.patch.object(files, "write_json", spy):
+        def save_spy(checkpointer, step):
+            events.append(("checkpoint", step))
+            return save(checkpointer, step)
+
+        with (
+            mock.patch.object(files, "write_json", write_spy),
+            mock.patch.object(Checkpointer, "save", save_spy),
+        ):
             result = task.train()
         self.assertEqual(result.rollbacks, 1)
-        self.assertIn([10, 20], written)  # after the rollback
+        self.assertIn(("results", 20, [10, 20]), events[events.index(("checkpoint", 20)) + 1 :])
         self.assertEqual([h["step"] for h in result.history], [10, 20, 30, 40, 50, 60])
         self.assertEqual(read_results(model_dir)["history"], result.history)
+        saves = [i for i, e in enumerate(events) if e[0] == "checkpoint"]
+        self.assertEqual([events[i][1] for i in saves], [20, 40, 60])
+        for i in saves:
+            step = events[i][1]
+            self.assertEqual(events[i - 1][:2], ("results", step))
+            self.assertEqual(events[i - 1][2], list(range(10, step + 1, 10)))
 
     def test_steps_per_sec_is_the_loops_rate_and_evaluations_are_timed_apart(self):
         """Evaluations that sleep 0.25 s each: eval_sec holds the sleeps; steps_per_sec is at
