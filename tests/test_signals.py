@@ -102,7 +102,8 @@ class CtrlCTest(tf.test.TestCase):
         )  # fmt: skip
         self.assertNotIn("Traceback", log)
         self.assertEqual(tf.train.latest_checkpoint(model_dir), f"{model_dir}/ckpt-10")
-        self.assertFalse(os.path.exists(os.path.join(model_dir, "results.json")))
+        with open(os.path.join(model_dir, "results.json")) as f:  # written before the save
+            self.assertEqual(json.load(f)["step"], 10)
 
         rc, log = Cli(self, out, "resumed", *flags).wait()
         self.assertEqual(rc, 0, log[-3000:])

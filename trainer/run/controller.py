@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from signal import SIGINT, SIGTERM, Signals
 from typing import TYPE_CHECKING, Any
 
@@ -13,9 +13,8 @@ import tensorflow as tf
 from absl import logging
 
 from trainer.distribution import is_default, sum_over_workers
-from trainer.errors import ConfigError
 from trainer.inputs import InputWait
-from trainer.run import files, resume, summaries
+from trainer.run import files, records, resume, summaries
 from trainer.run.callbacks import CallbackList
 from trainer.run.checkpointing import Checkpointer
 from trainer.run.hooks import Hooks, TaskHooks
@@ -74,13 +73,28 @@ class Preempted(Exception):
 class TrainResult:
     """What `Trainer.train()` returns; `results.json` in `model_dir` is `to_dict()`.
 
+    With a `model_dir`, `results.json` is rewritten (atomically) as the run goes: at every
+    evaluation and checkpoint (before the checkpoint, so that a checkpoint never holds an
+    evaluation the file lacks), on SIGTERM or SIGINT, and at the end before the export. A
+    resumed run reads it back and keeps the evaluations up to the step it resumes from,
+    each once; later ones (made after the checkpoint resumed from) are dropped and made
+    again, as are those a rollback (`on_nonfinite=rollback`) undoes.
+
+    The times (`steps_per_sec`, `first_loop_sec`, `eval_sec`, `checkpoint_sec`,
+    `input_wait_share`) are this process's: in a resumed run they cover the part trained
+    since the resume; a rerun that trains no step (a finished or early-stopped run) keeps
+    those of the run that trained.
+
     Attributes:
       step: the step reached.
-      steps_per_sec: the training rate after the first loop (0.0 when only one loop ran).
+      steps_per_sec: the training rate: steps over the train loops' own time, the first
+        loop's left out (0.0 when only one loop ran). Evaluations, checkpoints, writing
+        results and callbacks are not in it.
       first_loop_sec: the first loop's time, tracing and compiling included.
       train: the loss breakdown (`loss`, `data_loss`, `penalty/<name>`, ...), mean of the
         last loop; empty when nothing was trained.
-      eval: the held-out metrics at the end; empty without an eval dataset.
+      eval: the latest evaluation's held-out metrics (at the end, once finished); empty
+        without an eval dataset.
       history: the evaluations during training, `{"step": ..., **metrics}` each.
       input_wait_share: the share of the train loops' time (after the first) spent waiting
         for the next batch of a tf.data input; None for in-memory input (`train_arrays`).
@@ -90,6 +104,8 @@ class TrainResult:
       best: the best evaluation by the task's held-out metric, `{"step": ..., **metrics}`;
         None before any evaluation.
       rollbacks: the rollbacks `on_nonfinite=rollback` made in this run.
+      eval_sec: the evaluations' total time (`Trainer.evaluate`).
+      checkpoint_sec: the checkpoints' total time (saving them).
     """
 
     step: int
@@ -102,10 +118,36 @@ class TrainResult:
     stopped_early: bool = False
     best: dict[str, float] | None = None
     rollbacks: int = 0
+    eval_sec: float = 0.0  # last: the fields before keep their positions
+    checkpoint_sec: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a dict (what `results.json` holds)."""
         return dataclasses.asdict(self)
+
+
+RESULTS = "results.json"
+_EVALUATION = records.Record(
+    {"step": int}, required=("step",), rest=records.Optional(records.NUMBER)
+)
+RESULTS_SCHEMA = records.Record(
+    {
+        "step": int,
+        "steps_per_sec": records.NUMBER,
+        "first_loop_sec": records.NUMBER,
+        "eval_sec": records.NUMBER,
+        "checkpoint_sec": records.NUMBER,
+        "train": records.METRICS,
+        "eval": records.METRICS,
+        "history": records.ListOf(_EVALUATION),
+        "input_wait_share": records.Optional(records.NUMBER),
+        "stopped_early": bool,
+        "best": records.Optional(_EVALUATION),
+        "rollbacks": int,
+    },
+    required=("step",),
+)
+"""What `results.json` must hold to be read back (`records`); unknown keys are accepted."""
 
 
 def make_checkpointer(trainer: Runnable, model_dir: str) -> Checkpointer:
@@ -161,17 +203,20 @@ class Controller:
 
         Evaluates as `options.eval_every` says, checkpoints as `options.checkpoint_every`
         says, and on SIGTERM or SIGINT (`signals.StopSignals`: a second SIGINT ends the
-        process at once) saves and raises `Preempted` at the next loop boundary. A callback
-        (early stopping among them) may stop the run earlier: it is evaluated and saved. A
-        run already at `train_steps` is evaluated, not retrained. With `model_dir`, writes
-        `results.json` there.
+        process at once) saves and raises `Preempted` at the next loop boundary (evaluating
+        first if an evaluation is due there). A callback (early stopping among them) may stop
+        the run earlier: it is evaluated and saved. A run already at `train_steps` is not
+        retrained (evaluated if its results hold no evaluation). With `model_dir`, keeps
+        `results.json` there as the run goes (see `TrainResult`).
 
         Raises:
           FloatingPointError: a loss term or weight became non-finite (the message names the
             step and the term); nothing non-finite is saved.
           Preempted: SIGTERM or SIGINT arrived (on any worker); with a `model_dir`, a
             checkpoint was saved.
-          ConfigError: `model_dir` is unwritable, or holds another task's or model's run.
+          ConfigError: `model_dir` is unwritable, holds another task's or model's run, or a
+            damaged `results.json` (left as it is).
+          files.WriteError: a checkpoint, `results.json` or the export could not be written.
         """
         trainer, opts = self.trainer, self.options
         model_dir = files.writable_dir("model_dir", opts.model_dir) if opts.model_dir else None
@@ -192,6 +237,9 @@ class Controller:
         """The run's callbacks, in the order of the class docstring."""
         trainer, opts = self.trainer, self.options
         self.clock = _Clock()
+        self.results_path = (
+            files.join(model_dir, RESULTS) if model_dir and trainer.is_chief else None
+        )
         self.progress = Progress(opts.train_steps)
         self.profile = Profile(opts.profile_steps, model_dir, opts.train_steps)
         self.watch = Watch(trainer, model_dir)
@@ -212,6 +260,9 @@ class Controller:
     def _train(self, model_dir: str | None, lock: RunLock | None) -> TrainResult:
         trainer, opts = self.trainer, self.options
         loop = trainer.train_loop
+        previous = (
+            records.read(files.join(model_dir, RESULTS), RESULTS_SCHEMA) if model_dir else None
+        )
         checkpointer = make_checkpointer(trainer, model_dir) if model_dir else None
         callbacks = self._callbacks(model_dir, checkpointer, lock)
         states = callbacks.checkpoint_states()
@@ -222,15 +273,16 @@ class Controller:
             iterator = iter(trainer.train_dataset())
             if checkpointer:
                 checkpointer.track("iterator", iterator, restore=self._same_input(checkpointer))
-        previous = None
         if checkpointer:
             if trainer.is_chief:
                 checkpointer.remove_temporary()
+                _remove_temporary_results(model_dir)
             if checkpointer.latest or opts.resume_from:
                 for line in resume.changes(checkpointer.saved_settings, resume.settings(trainer)):
                     logging.info("Resuming with a change: %s", line)
             if checkpointer.restore(opts.resume_from):
-                previous = _previous_results(model_dir)
+                if trainer.is_chief:
+                    _warn_if_history_lost(model_dir, previous, trainer.step)
                 if states:  # a checkpoint without a callback's state leaves it as it is
                     path = opts.resume_from or checkpointer.latest
                     if "watch" in states:  # where checkpoints before the callbacks kept it
@@ -251,6 +303,7 @@ class Controller:
                 loop.writer.flush()
             if checkpointer:
                 checkpointer.close()
+        self._write_results(result)  # before the export: a failed export leaves it
         if opts.export_dir and trainer.is_chief:
 
             def export() -> None:
@@ -262,9 +315,6 @@ class Controller:
                 lambda: self.watch.export_best(opts.export_dir),
             ):
                 files.writing(f"the model to `export_dir` ({opts.export_dir!r})", export)
-        if model_dir and trainer.is_chief:
-            path = files.join(model_dir, "results.json")
-            files.writing(path, lambda: files.write_json(path, result.to_dict()))
         callbacks.on_train_end(result)
         return result
 
@@ -303,9 +353,8 @@ class Controller:
     ) -> TrainResult:
         trainer, opts = self.trainer, self.options
         loop, clock, progress = trainer.train_loop, self.clock, self.progress
-        step = start_step = trainer.step
+        step = trainer.step
         result = _continued(previous, step)
-        clock.start()
         callbacks.on_train_begin(result)
         result.best = self.watch.best
         reason = callbacks.stop_reason() if step < opts.train_steps else None
@@ -313,38 +362,41 @@ class Controller:
             logging.info("Stopped early before: %s.", reason)
             result.stopped_early = True
         while step < opts.train_steps and not result.stopped_early:
-            clock.loop_begins(step)
             callbacks.on_loop_begin(step)
             stop_at = self._next_stop(step, callbacks.loop_cuts())
-            result.train, step = loop.run(stop_at - step, iterator)
+            clock.loop_begins()
+            result.train, reached = loop.run(stop_at - step, iterator)
             clock.loop_ran(loop.input_wait_s)
             try:
-                _check_finite(result.train, step)
+                _check_finite(result.train, reached)
             except FloatingPointError as e:
-                if not callbacks.on_nonfinite(step, result.train, e):
+                if not callbacks.on_nonfinite(reached, result.train, e):
                     raise
                 step, result.rollbacks = trainer.step, self.rollback.count
+                result.history = [h for h in result.history if h["step"] <= step]
+                self._write_results(result, step)  # back to an earlier state, and its history
                 continue
-            clock.loop_ends(step)
+            clock.loop_ends(reached - step)
+            step = reached
             callbacks.on_loop_end(step, result.train)
             done = step >= opts.train_steps
             stop = None if done else self._agreed_stop(stops)
             reason = None if done or stop else callbacks.stop_reason()
-            if not stop and (done or reason or (opts.eval_every and step % opts.eval_every == 0)):
-                self._evaluate(step, result, callbacks)  # before the save: the callbacks'
-                reason = reason or (None if done else callbacks.stop_reason())  # state counts it
+            due = bool(opts.eval_every) and step % opts.eval_every == 0
+            evaluated = done or reason is not None or due
+            if evaluated:  # before the save: the callbacks' state counts it
+                self._evaluate(step, result, callbacks)
+                reason = reason or (None if done or stop else callbacks.stop_reason())
             result.stopped_early = reason is not None
-            path = None
-            if checkpointer and (
+            save = checkpointer is not None and (
                 done
-                or stop
+                or stop is not None
                 or result.stopped_early
                 or (opts.checkpoint_every and step % opts.checkpoint_every == 0)
-            ):
-                path = files.writing(
-                    f"checkpoint {step} to {checkpointer.directory!r}",
-                    lambda step=step: checkpointer.save(step),
-                )
+            )
+            if evaluated or save:  # before the checkpoint: it never has more than the file
+                self._write_results(result, step)
+            path = self._save(checkpointer, step) if save else None
             if stop:
                 progress.close()
                 if checkpointer:
@@ -356,22 +408,46 @@ class Controller:
                 progress.message(f"Stopping early at step {step}: {reason}.")
         progress.close()
         if not result.eval and step >= opts.train_steps:
-            result.eval = trainer.evaluate()
+            result.eval = self._timed(self.trainer.evaluate, "eval_sec")
         result.step = step
-        result.steps_per_sec = clock.steady_rate(step - start_step)
-        if step > start_step:
-            result.input_wait_share = clock.input_wait.finish()
-        if clock.first_loop_sec is not None:  # else the resumed run's, if no loop ran now
-            result.first_loop_sec = clock.first_loop_sec
+        if clock.trained:  # else the figures of the run that trained, if at this step
+            clock.report(result, final=True)
         return result
+
+    def _timed(self, call: Callable[[], Any], figure: str) -> Any:
+        """`call()`, its time added to the clock's `figure` (`eval_sec`, `checkpoint_sec`)."""
+        start = time.perf_counter()
+        try:
+            return call()
+        finally:
+            setattr(self.clock, figure, getattr(self.clock, figure) + time.perf_counter() - start)
 
     def _evaluate(self, step: int, result: TrainResult, callbacks: CallbackList) -> None:
         """Evaluates at `step` into `result` (its history, the best), and tells the callbacks."""
-        result.eval = self.trainer.evaluate()
+        result.eval = self._timed(self.trainer.evaluate, "eval_sec")
         if result.eval:
             result.history.append({"step": step, **result.eval})
         callbacks.on_evaluate(step, result.eval)
         result.best = self.watch.best
+
+    def _save(self, checkpointer: Checkpointer, step: int) -> str:
+        """Saves a checkpoint at `step`, timed; a failed write is one `WriteError` line."""
+        return files.writing(
+            f"checkpoint {step} to {checkpointer.directory!r}",
+            lambda: self._timed(lambda: checkpointer.save(step), "checkpoint_sec"),
+        )
+
+    def _write_results(self, result: TrainResult, step: int | None = None) -> None:
+        """Writes `result` to `results.json` (on the chief, with a `model_dir`), atomically;
+        at `step`, with this process's figures so far, when `step` is given."""
+        if self.results_path is None:
+            return
+        if step is not None:
+            result.step = step
+            if self.clock.trained:
+                self.clock.report(result)
+        path = self.results_path
+        files.writing(path, lambda: files.write_json(path, result.to_dict()))
 
     def _agreed_stop(self, stops: StopSignals) -> tuple[Signals, bool] | None:
         """The stop every worker takes at this boundary: SIGTERM if one received it, else
@@ -390,72 +466,103 @@ class Controller:
 
 
 class _Clock:
-    """Times a run's loops: the last one's rate, the first (tracing and compiling) apart, and
-    the share of their time spent waiting for input."""
+    """Times this process's part of a run: the train loops' own time (the first, which
+    traces and compiles, apart), the evaluations' and the checkpoints'; and the share of the
+    loops' time spent waiting for input."""
 
     def __init__(self):
-        self._rate = 0.0
         self.first_loop_sec: float | None = None
+        self.eval_sec = self.checkpoint_sec = 0.0
         self.input_wait = InputWait()
-        self._first_loop_steps = 0
-        self._start = self._loop_start = time.perf_counter()
-        self._loop_first = 0
+        self._loops = 0
+        self._loop_start = self._loop_sec = 0.0
+        self._rate = 0.0
+        self._steady_steps, self._steady_sec = 0, 0.0
 
-    def start(self) -> None:
-        """The run's first loop begins now (its time includes tracing and compiling)."""
-        self._start = time.perf_counter()
+    @property
+    def trained(self) -> bool:
+        """Whether a loop ran in this process."""
+        return self._loops > 0
 
-    def loop_begins(self, step: int) -> None:
-        self._loop_start, self._loop_first = time.perf_counter(), step
+    def loop_begins(self) -> None:
+        """The compiled loop is called now."""
+        self._loop_start = time.perf_counter()
 
     def loop_ran(self, input_wait_s: float | None) -> None:
-        self.input_wait.add(input_wait_s, time.perf_counter() - self._loop_start)
+        """The compiled loop returned, after waiting `input_wait_s` for input (None: in memory)."""
+        self._loop_sec = time.perf_counter() - self._loop_start
+        self._loops += 1
+        if self._loops == 1:
+            self.first_loop_sec = self._loop_sec
+        self.input_wait.add(input_wait_s, self._loop_sec)
 
-    def loop_ends(self, step: int) -> None:
-        """A loop with finite losses ended at `step`."""
-        now = time.perf_counter()
-        self._rate = (step - self._loop_first) / (now - self._loop_start)
-        if not self._first_loop_steps:
-            self.first_loop_sec = now - self._start
-            self._first_loop_steps = step - self._loop_first
+    def loop_ends(self, steps: int) -> None:
+        """The loop that ran made `steps` steps with finite losses (a non-finite one's are
+        undone, and its time left out)."""
+        self._rate = steps / self._loop_sec if self._loop_sec > 0 else 0.0
+        if self._loops > 1:
+            self._steady_steps += steps
+            self._steady_sec += self._loop_sec
 
     def last_rate(self) -> float:
         """The last loop's steps per second."""
         return self._rate
 
-    def steady_rate(self, steps: int) -> float:
-        """Steps per second over `steps` steps trained, the first loop's left out."""
-        elapsed = time.perf_counter() - self._start - (self.first_loop_sec or 0.0)
-        steady = steps - self._first_loop_steps
-        return steady / elapsed if steady and elapsed > 0 else 0.0
+    def report(self, result: TrainResult, final: bool = False) -> None:
+        """Sets `result`'s times to this process's so far; `final` at the end of training (a
+        high input wait is then warned about if it was not yet)."""
+        result.steps_per_sec = (
+            self._steady_steps / self._steady_sec if self._steady_sec > 0 else 0.0
+        )
+        result.first_loop_sec = self.first_loop_sec or 0.0
+        result.eval_sec, result.checkpoint_sec = self.eval_sec, self.checkpoint_sec
+        result.input_wait_share = self.input_wait.finish() if final else self.input_wait.share
 
 
-def _previous_results(model_dir: str) -> dict[str, Any] | None:
-    """The resumed run's results.json, if it has a valid one."""
-    try:
-        previous = files.read_json(files.join(model_dir, "results.json"))
-    except ConfigError as e:
-        logging.warning("%s Its history is not carried over.", e)
-        return None
-    return previous if isinstance(previous, dict) else None
+def _warn_if_history_lost(model_dir: str, previous: dict[str, Any] | None, step: int) -> None:
+    """Says, in one line, when the results up to `step`, the checkpoint resumed from, are
+    gone (results.json missing) or end earlier (an older one, put back or left by a version
+    that wrote it only at the end)."""
+    path = files.join(model_dir, RESULTS)
+    if previous is None:
+        logging.warning(
+            "%s is missing: the results up to step %d (the checkpoint resumed from), its "
+            "evaluations among them, cannot be recovered; its history starts after step %d.",
+            path,
+            step,
+            step,
+        )
+    elif previous["step"] < step:
+        logging.warning(
+            "%s ends at step %d, before the checkpoint resumed from (step %d): the "
+            "evaluations between cannot be recovered; its history goes on after step %d.",
+            path,
+            previous["step"],
+            step,
+            step,
+        )
+
+
+def _remove_temporary_results(model_dir: str) -> None:
+    """Removes the temporary files of `results.json` that a killed write left behind."""
+    for path in tf.io.gfile.glob(files.join(model_dir, f"{RESULTS}.tmp-*")):
+        tf.io.gfile.remove(path)
 
 
 def _continued(previous: dict[str, Any] | None, step: int) -> TrainResult:
-    """A result that starts with the resumed run's history up to `step` (and, if no step is
-    trained now, its training figures)."""
+    """A result that starts with the resumed run's evaluations up to `step`; and, when its
+    results were written at `step` (a finished, early-stopped or preempted run), its latest
+    evaluation, training figures and times (this process may train no step)."""
     if not previous:
         return TrainResult(step)
-    history = [
-        h
-        for h in previous.get("history", [])
-        if isinstance(h, dict) and isinstance(h.get("step"), int) and h["step"] <= step
-    ]
-    result = TrainResult(step, history=history)
-    if previous.get("step") == step:
-        result.train = previous.get("train") or {}
-        result.steps_per_sec = previous.get("steps_per_sec") or 0.0
-        result.first_loop_sec = previous.get("first_loop_sec") or 0.0
-        result.input_wait_share = previous.get("input_wait_share")
+    result = TrainResult(
+        step, history=[h for h in previous.get("history", []) if h["step"] <= step]
+    )
+    if previous["step"] == step:
+        for name in ("train", "eval", "steps_per_sec", "first_loop_sec", "eval_sec",
+                     "checkpoint_sec", "input_wait_share"):  # fmt: skip
+            if previous.get(name) is not None:
+                setattr(result, name, previous[name])
     return result
 
 
