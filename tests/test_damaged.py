@@ -225,7 +225,7 @@ class SameProcessResumeTest(tf.test.TestCase):
         with second.evaluated_weights(), straight.evaluated_weights():  # the EMA
             for a, b in zip(second.model.get_weights(), straight.model.get_weights()):
                 self.assertAllClose(a, b, rtol=1e-6, atol=1e-7)
-        self.assertGreater(  # the wrong variant: what A left
+        self.assertGreater(  # B trained on from A's weights: far from the end
             max(np.abs(a - b).max() for a, b in zip(halfway, straight.model.get_weights())), 1e-3
         )
         x = tf.constant(make_data()[2][:64])
