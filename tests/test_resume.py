@@ -122,7 +122,9 @@ class NothingLostTest(ResumeTestCase):
         shutil.copytree(self._finished[steps], model_dir)
         return model_dir
 
-    def test_garbage_missing_or_empty_state_file_resumes_from_the_files(self):
+    def test_missing_state_file_is_rebuilt_a_damaged_one_left_until_removed(self):
+        """Missing: rebuilt from the files (it was lost). Garbled or empty: exit 2, the file
+        unchanged (the message says what removing it does); removed, it is rebuilt."""
         for content in ("garbage {{{", "", None):
             with self.subTest(content=content):
                 model_dir = self.trained()
@@ -132,6 +134,14 @@ class NothingLostTest(ResumeTestCase):
                 else:
                     with open(state, "w") as f:
                         f.write(content)
+                    refused = self.cli(f"--model_dir={model_dir}", "--train_steps=400",
+                                       "--checkpoint_every=100", status=2)  # fmt: skip
+                    self.assertIn(f"{state!r} is damaged", last_line(refused.stderr))
+                    self.assertIn(f"it would name {model_dir}/ckpt-300, the newest readable",
+                                  last_line(refused.stderr))  # fmt: skip
+                    with open(state) as f:
+                        self.assertEqual(f.read(), content)
+                    os.remove(state)  # as the message says
                 result = self.cli(f"--model_dir={model_dir}", "--train_steps=400",
                                   "--checkpoint_every=100")  # fmt: skip
                 self.assertIn("rebuilt it from the files", result.stderr)

@@ -137,6 +137,7 @@ class TrainerOptions:
         DISTRIBUTION,
         "None, mixed_bfloat16 (the CPU choice) or mixed_float16 (GPUs; adds a LossScaleOptimizer). "
         "Weights and penalties stay float32.",
+        recorded=True,
     )
     jit_compile: bool | None = _option(
         None,

@@ -9,12 +9,17 @@ import tensorflow as tf
 from absl import logging
 
 from trainer.errors import ConfigError
-from trainer.run import files
+from trainer.run import files, records
 from trainer.run.callbacks import Callback
+from trainer.run.checkpointing import check_state_file
 from trainer.run.protocol import Runnable
+from trainer.run.records import NUMBER, Optional, Record
 
 if TYPE_CHECKING:
     from trainer.run.controller import TrainResult
+
+# `best.json`: the best evaluation's step and metrics (null where not finite).
+BEST_SCHEMA = Record({"step": int}, required=("step",), rest=Optional(NUMBER))
 
 
 class Watch(Callback):
@@ -52,13 +57,20 @@ class Watch(Callback):
 
     def on_train_begin(self, result: TrainResult) -> None:
         """The best evaluation of a resumed run: its `best.json`, else its entry in the
-        history, else the step and value the checkpoint holds."""
+        history, else the step and value the checkpoint holds.
+
+        Raises:
+          ConfigError: `best/best.json` or `best/checkpoint` is damaged (left as it is).
+        """
+        saved = None
+        if self.best_dir:
+            check_state_file(self.best_dir, rebuild=self.trainer.is_chief)
+            saved = records.read(files.join(self.best_dir, "best.json"), BEST_SCHEMA)
         step = int(self.variables["best_step"].numpy())
         if step < 0:
             return
-        saved = files.read_json(files.join(self.best_dir, "best.json")) if self.best_dir else None
         found = [h for h in result.history if h.get("step") == step]
-        if isinstance(saved, dict) and saved.get("step") == step:
+        if saved is not None and saved["step"] == step:
             self.best = saved
         else:
             value = float(self.variables["best_value"].numpy())
