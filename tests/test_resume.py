@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from typing import ClassVar
 
 import numpy as np
@@ -18,6 +19,8 @@ from array_task import ArrayTask, regression_data
 from cli_runner import CliResult, context, last_line, run_cli
 
 from trainer import TrainerOptions
+from trainer.errors import ConfigError
+from trainer.run.lock import REFRESH_S, RunLock
 
 
 def final_weights(model_dir: str) -> list[np.ndarray]:
@@ -218,6 +221,84 @@ class LockTest(ResumeTestCase):
         taken = self.cli(f"--model_dir={model_dir}", "--train_steps=10")
         self.assertIn(f"Taking over the stale lock of pid {holder.pid}", taken.stderr)
         self.assertFalse(os.path.exists(os.path.join(model_dir, "tapeloop.lock")))
+        self.assertNotIn("tapeloop.lock.takeover", os.listdir(model_dir))
+
+    def test_a_second_lock_is_refused_naming_the_holder_until_released(self):
+        model_dir = self.model_dir()
+        first, second = RunLock(model_dir), RunLock(model_dir)
+        first.acquire()
+        with self.assertRaisesRegex(ConfigError, f"in use by pid {os.getpid()} on "
+                                    f"{socket.gethostname()} since "):  # fmt: skip
+            second.acquire()
+        first.release()
+        second.acquire()
+        second.release()
+        self.assertEqual(os.listdir(model_dir), [])
+
+    def race(self, model_dir: str, takers: int) -> tuple[list[RunLock], list[str]]:
+        """`takers` threads acquire a lock on `model_dir` at once: the winners, the refusals."""
+        locks = [RunLock(model_dir) for _ in range(takers)]
+        start, winners, refusals = threading.Barrier(takers), [], []
+
+        def take(lock: RunLock) -> None:
+            start.wait()
+            try:
+                lock.acquire()
+                winners.append(lock)
+            except ConfigError as e:
+                refusals.append(str(e))
+
+        threads = [threading.Thread(target=take, args=(lock,)) for lock in locks]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return winners, refusals
+
+    def test_racing_takers_exactly_one_wins(self):
+        """Eight threads take one directory at once: free, then holding a dead pid's lock (all
+        judge it stale and race to take it over); five rounds each."""
+        dead = subprocess.Popen([sys.executable, "-c", ""])
+        dead.wait()
+        for round_ in range(10):
+            model_dir = self.model_dir()
+            if round_ % 2:
+                self.write_lock(model_dir, dead.pid)
+            winners, refusals = self.race(model_dir, 8)
+            self.assertLen(winners, 1, (round_, refusals))
+            self.assertLen(refusals, 7)
+            self.assertIn(f"in use by pid {os.getpid()}", refusals[0])
+            with open(winners[0].path) as f:
+                self.assertEqual(json.load(f)["token"], winners[0]._token)
+            winners[0].release()
+            self.assertEqual(os.listdir(model_dir), [])
+
+    def test_a_holder_whose_lock_was_taken_over_stops_refreshing_it(self):
+        model_dir = self.model_dir()
+        lock = RunLock(model_dir)
+        lock.acquire()
+        self.write_lock(model_dir, 1)  # another run's, as after a takeover
+        lock._refreshed -= REFRESH_S
+        with self.assertLogs(level="WARNING") as logs:
+            lock.refresh()
+        self.assertIn("is no longer this run's (it now names pid 1 on", "\n".join(logs.output))
+        with open(lock.path) as f:
+            self.assertEqual(json.load(f)["token"], "other")
+        lock.release()
+        self.assertTrue(os.path.exists(lock.path))
+
+    def test_a_lock_on_a_url_directory(self):
+        """`ram://`, through tf.io.gfile (write, then read back)."""
+        model_dir = f"ram://{self.id()}"
+        first = RunLock(model_dir)
+        first.acquire()
+        with self.assertRaisesRegex(ConfigError, f"in use by pid {os.getpid()}"):
+            RunLock(model_dir).acquire()
+        first.release()
+        self.assertFalse(tf.io.gfile.exists(first.path))
+        second = RunLock(model_dir)
+        second.acquire()
+        second.release()
 
 
 class WriteFaultTest(ResumeTestCase):

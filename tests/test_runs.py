@@ -1,6 +1,7 @@
 """Runs that manage themselves: early stopping, the best evaluation kept and exported, rollback
 after a non-finite loss, hooks and profiling; through the CLI and in process."""
 
+import functools
 import glob
 import json
 import os
@@ -231,12 +232,33 @@ class HooksAndProfileTest(ResumeTestCase):
         self.assertEqual([c["step"] for c in evaluations], [100, 200, 300])
         self.assertEqual(calls[-1], {"hook": "train_end", "step": 300})
 
-    def test_profiling_traces_steps_200_to_210_with_loops_cut_there(self):
+    def test_profiling_cuts_loops_and_a_resume_traces_what_is_left_of_the_range(self):
+        """Steps 20-60 of a run are traced, loops cut there; a resume at step 100 with the same
+        range writes no trace and says why; one at step 200 with 150-210 traces 200-210 (a loop
+        cut at 210) and says so. A resume also logs a changed early_stop_patience."""
         d = self.model_dir()
-        calls = self.hooked("--train_steps=300", "--profile_steps=200,210", f"--model_dir={d}")
-        self.assertEqual([c["step"] for c in calls if c["hook"] == "loop"], [100, 200, 210, 300])
-        self.assertNotEqual(glob.glob(os.path.join(d, "plugins", "profile", "*", "*.xplane.pb")),
-                            [])  # fmt: skip
+        traces = os.path.join(d, "plugins", "profile", "*", "*.xplane.pb")
+        log = os.path.join(d, "hooks.jsonl")
+        with mock.patch.dict(os.environ, {"RUNS_HOOK_LOG": log}):
+            run = functools.partial(self.cli, "--import=runs_plugin", "--task=hooked_synthetic",
+                                    f"--model_dir={d}")  # fmt: skip
+            run("--train_steps=100", "--profile_steps=20,60")
+            self.assertLen(glob.glob(traces), 1)
+            passed = run("--train_steps=200", "--profile_steps=20,60", "--eval_every=100",
+                         "--early_stop_patience=5")  # fmt: skip
+            self.assertLen(glob.glob(traces), 1)
+            inside = run("--train_steps=300", "--profile_steps=150,210")
+        self.assertIn("profile_steps 20,60: no trace is written, the run starts from step 100, "
+                      "past the range", passed.stderr)  # fmt: skip
+        self.assertIn("Resuming with a change: early_stop_patience: 0 in the checkpointed run "
+                      "-> 5 now", passed.stderr)  # fmt: skip
+        self.assertIn("profile_steps 150,210: the run starts from step 200, inside the range; "
+                      "tracing steps 200 to 210 only", inside.stderr)  # fmt: skip
+        self.assertIn("Profiled steps 200 to 210", inside.stderr)
+        self.assertLen(glob.glob(traces), 2)
+        with open(log) as f:
+            loops = [c["step"] for c in map(json.loads, f) if c["hook"] == "loop"]
+        self.assertEqual(loops, [20, 60, 100, 200, 210, 300])
 
     def test_profile_steps_invalid_is_one_line_naming_the_value(self):
         result = self.cli("--profile_steps=210,200", f"--model_dir={self.model_dir()}", status=2)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import posixpath
 import re
 import textwrap
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +22,7 @@ from trainer.errors import (
     check_positive,
 )
 from trainer.optimizers import OPTIMIZERS
+from trainer.run import files
 
 MIXED_PRECISION = (None, "mixed_bfloat16", "mixed_float16")
 # Options whose values come from a fixed list: the CLI makes them enum flags.
@@ -158,12 +163,13 @@ class TrainerOptions:
         None,
         CHECKPOINTS,
         "a checkpoint path (<model_dir>/ckpt-<step>) to resume from instead of the latest one, "
-        "e.g. when the latest is damaged.",
+        "e.g. when the latest is damaged; needs a model_dir to continue the run in.",
     )
     export_dir: str | None = _option(
         None,
         CHECKPOINTS,
-        "write the trained model there as a SavedModel (model.export).",
+        "write the trained model there as a SavedModel (model.export); a folder of its own, "
+        "not model_dir itself (a subfolder such as <model_dir>/export is fine).",
     )
     deterministic: bool = _option(
         False,
@@ -272,10 +278,12 @@ class TrainerOptions:
         RUNS,
         "'A,B' (0 <= A < B <= train_steps): with model_dir, a TensorFlow profiler trace of the "
         "steps from A to B (loops are cut at A and B) in <model_dir>/plugins/profile/, for "
-        "TensorBoard's Profile tab.",
+        "TensorBoard's Profile tab. A resumed run traces what is left of the range, and warns "
+        "when that is nothing.",
     )
 
     def __post_init__(self):
+        self._check_floats()
         for name in ("batch_size", "train_steps", "steps_per_loop"):
             check_integer(name, getattr(self, name), 1)
         for name in ("eval_every", "checkpoint_every", "summary_every", "peer_timeout"):
@@ -296,11 +304,29 @@ class TrainerOptions:
             raise ConfigError(f"`jit_compile` ({self.jit_compile!r}) must be None, True or False.")
         self._check_techniques()
         self._check_runs()
+        self._check_directories()
+
+    def _check_floats(self) -> None:
+        """Every float field (found by its type, so a new one is covered) as a finite number
+        that float32 holds (`errors.check_float32`): the step computes with float32 copies,
+        where 1e39 would be inf. The ranges of each are checked after."""
+        for name in float_options():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"`{name}` ({value!r}) must be a number.")
+            try:
+                finite = math.isfinite(value)
+            except OverflowError:  # an int beyond any float
+                finite = False
+            if not finite:
+                raise ConfigError(f"`{name}` ({value!r}) must be a finite number.")
+            check_float32(name, float(value))
 
     def _check_techniques(self) -> None:
         check_integer("warmup_steps", self.warmup_steps, 0, self.train_steps)
         end = check_non_negative("end_learning_rate", self.end_learning_rate)
-        check_float32("end_learning_rate", end)
         if end > self.learning_rate:
             raise ConfigError(
                 f"`end_learning_rate` ({end!r}) must be at most `learning_rate` "
@@ -308,9 +334,7 @@ class TrainerOptions:
             )
         if end and self.lr_schedule == "constant":
             raise ConfigError(f"`end_learning_rate` ({end!r}) needs lr_schedule cosine or linear.")
-        check_float32(
-            "clip_global_norm", check_non_negative("clip_global_norm", self.clip_global_norm)
-        )
+        check_non_negative("clip_global_norm", self.clip_global_norm)
         k = check_integer("accumulate_steps", self.accumulate_steps, 1, self.batch_size)
         if self.batch_size % k:
             raise ConfigError(
@@ -337,6 +361,43 @@ class TrainerOptions:
             profile_range(self.profile_steps, self.train_steps)
             if not self.model_dir:
                 raise ConfigError(f"`profile_steps` ({self.profile_steps!r}) needs a `model_dir`.")
+
+    def _check_directories(self) -> None:
+        if self.resume_from and not self.model_dir:
+            raise ConfigError(
+                f"`resume_from` ({self.resume_from!r}) needs a `model_dir` to continue the run "
+                "in (it may be the checkpoint's own directory); without one nothing would be "
+                "saved."
+            )
+        if self.export_dir and self.model_dir and same_path(self.export_dir, self.model_dir):
+            raise ConfigError(
+                f"`export_dir` ({self.export_dir!r}) is `model_dir` ({self.model_dir!r}): the "
+                "SavedModel would be mixed with the run's checkpoints, and copying, serving or "
+                "replacing it would take them along; use a folder of its own, such as "
+                f"{files.join(self.model_dir, 'export')!r}."
+            )
+
+
+def float_options() -> tuple[str, ...]:
+    """The `TrainerOptions` fields typed `float` (or `float | None`)."""
+    hints = typing.get_type_hints(TrainerOptions)
+    return tuple(
+        f.name for f in dataclasses.fields(TrainerOptions) if hints[f.name] in (float, float | None)
+    )
+
+
+def normalised_path(path: str) -> str:
+    """`path` as one spelling: a URL (`gs://b/x/`) with `.`, `..`, repeated and trailing
+    slashes resolved; a local path absolute, with symbolic links resolved."""
+    scheme, separator, rest = path.partition("://")
+    if separator:
+        return f"{scheme.lower()}://{posixpath.normpath('/' + rest).lstrip('/')}"
+    return os.path.realpath(path)
+
+
+def same_path(a: str, b: str) -> bool:
+    """Whether `a` and `b` name the same directory, however spelt (`normalised_path`)."""
+    return normalised_path(a) == normalised_path(b)
 
 
 def profile_range(text: Any, train_steps: int) -> tuple[int, int]:

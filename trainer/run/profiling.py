@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import tensorflow as tf
 from absl import logging
 
@@ -9,10 +11,17 @@ from trainer.options import profile_range
 from trainer.run import files
 from trainer.run.callbacks import Callback
 
+if TYPE_CHECKING:  # annotations only: the controller imports this module
+    from trainer.run.controller import TrainResult
+
 
 class Profile(Callback):
     """`profile_steps='A,B'`: a TensorFlow profiler trace from step A to step B in
     `model_dir/plugins/profile/<run>/`; loops are cut at A and B (`loop_cuts`).
+
+    A run resumed past A traces what is left, from the step it starts from to B, and says
+    so; one resumed at or past B writes no trace and warns (rerunning the same command
+    resumes, so the range is not refused).
 
     Args:
       spec: the `profile_steps` option, or None (no trace).
@@ -28,6 +37,32 @@ class Profile(Callback):
     @property
     def loop_cuts(self) -> tuple[int, ...]:
         return self.range or ()
+
+    def on_train_begin(self, result: TrainResult) -> None:
+        """Narrows the range to what is left after the step the run starts from."""
+        if not self.range or result.step <= self.range[0]:
+            return
+        first, last = self.range
+        if result.step >= last:
+            logging.warning(
+                "profile_steps %d,%d: no trace is written, the run starts from step %d, past "
+                "the range; give a range after it to profile this run.",
+                first,
+                last,
+                result.step,
+            )
+            self.range = None
+        else:
+            logging.warning(
+                "profile_steps %d,%d: the run starts from step %d, inside the range; tracing "
+                "steps %d to %d only.",
+                first,
+                last,
+                result.step,
+                result.step,
+                last,
+            )
+            self.range = (result.step, last)
 
     def on_loop_begin(self, step: int) -> None:
         """Starts the trace before the loop that begins at step A."""
