@@ -14,6 +14,9 @@ import re
 import shutil
 import sys
 
+import cli_plugin
+import numpy as np
+import tensorflow as tf
 from absl.testing import absltest, parameterized
 from cli_runner import CliTestCase, context, last_line, run_cli, run_cli_process
 
@@ -192,6 +195,45 @@ class RunTest(CliTestCase):
         self.assertEqual([r.split()[0] for r in rows], ["0", "0.01"], context(result))
         losses = [float(r.split()[1]) for r in rows]
         self.assertNotEqual(losses[0], losses[1], context(result))
+
+    def test_sweep_exports_one_folder_per_run(self):
+        """`--sweep` with `--export_dir`: one SavedModel per value, in the run's folder name,
+        each giving what the run's last checkpoint gives in NumPy (the two differ); the
+        table's last line names the best run's folder."""
+        out = self.create_tempdir().full_path
+        model_dir, export_dir = os.path.join(out, "runs"), os.path.join(out, "export")
+        result = run_cli(
+            "--import=cli_plugin",
+            "--task=tiny_linear",
+            "--penalty=l1_test(0.01)",
+            "--sweep=l1_test.scale=0,1",
+            f"--model_dir={model_dir}",
+            f"--export_dir={export_dir}",
+        )
+        self.assertEqual(result.returncode, 0, context(result))
+        runs = ["l1_test.scale=0", "l1_test.scale=1"]
+        self.assertCountEqual(os.listdir(export_dir), runs)
+        x = cli_plugin.make_data(seed=2)[0]
+        outputs = []
+        for run in runs:
+            exported = tf.saved_model.load(os.path.join(export_dir, run))
+            outputs.append(exported.serve(x).numpy())
+            reader = tf.train.load_checkpoint(os.path.join(model_dir, run))
+            weights = {
+                reader.get_tensor(key).shape: reader.get_tensor(key)
+                for key in reader.get_variable_to_shape_map()
+                if key.startswith("model_variables/")
+            }
+            kernel, bias = weights[(cli_plugin.FEATURES, 1)], weights[(1,)]
+            np.testing.assert_allclose(outputs[-1], x @ kernel + bias, rtol=1e-5, atol=1e-6)
+        self.assertGreater(np.abs(outputs[0] - outputs[1]).max(), 0.1)
+        lines = result.stdout.strip().splitlines()
+        best = [line.split()[0] for line in lines if line.endswith("<- best")]
+        self.assertLen(best, 1, result.stdout)
+        self.assertEqual(
+            lines[-1],
+            f"best: l1_test.scale={best[0]}, exported to {export_dir}/l1_test.scale={best[0]}",
+        )
 
     def test_diverging_run_exits_1_without_traceback(self):
         """A learning rate that blows the loss up: exit 1 and a one-line `trainer:` message."""

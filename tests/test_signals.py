@@ -216,7 +216,13 @@ class WorkersTest(tf.test.TestCase):
             self.assertNotIn("Traceback", log)
             if sig == signal.SIGINT:
                 self.assertEqual(rc, 130, log[-3000:])
-                self.assertEqual(trainer_lines(log), ["trainer: Interrupted (SIGINT)."])
+                self.assertEqual(
+                    trainer_lines(log),
+                    [
+                        "trainer: Interrupted (SIGINT) while building the trainer; nothing was "
+                        "trained."
+                    ],
+                )
             else:
                 self.assertEqual(rc, -signal.SIGTERM, log[-3000:])
 

@@ -1,33 +1,77 @@
-"""tapeloop: custom TensorFlow 2 training loops with regularization done right."""
+"""tapeloop: custom TensorFlow 2 training loops with regularization done right.
 
-from trainer.cli.registry import (
-    get_penalty,
-    get_task,
-    parse_penalty_spec,
-    penalty_names,
-    register_penalty,
-    register_task,
-    task_names,
-)
-from trainer.errors import ConfigError
-from trainer.inputs import read_to_memory
-from trainer.optimizers import WarmupSchedule, learning_rate_for, make_optimizer
-from trainer.options import TrainerOptions
-from trainer.penalties import (
-    L2,
-    DecoupledWeightDecay,
-    MaxNorm,
-    NonNeg,
-    Penalty,
-    SelectiveL2,
-    StepContext,
-    Strength,
-    UnitNorm,
-)
-from trainer.run.callbacks import Callback
-from trainer.run.controller import Controller, Preempted, TrainResult
-from trainer.step.loop import TrainLoop
-from trainer.step.trainer import Trainer
+The public names below are imported on first use: `import trainer` alone imports no
+TensorFlow, so that `python -m trainer` can end a Ctrl-C during start-up with one line.
+The first public name used imports them all, as an eager `__init__` would.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, `__getattr__` below
+    from trainer.cli.registry import (
+        get_penalty,
+        get_task,
+        parse_penalty_spec,
+        penalty_names,
+        register_penalty,
+        register_task,
+        task_names,
+    )
+    from trainer.errors import ConfigError
+    from trainer.inputs import read_to_memory
+    from trainer.optimizers import WarmupSchedule, learning_rate_for, make_optimizer
+    from trainer.options import TrainerOptions
+    from trainer.penalties import (
+        L2,
+        DecoupledWeightDecay,
+        MaxNorm,
+        NonNeg,
+        Penalty,
+        SelectiveL2,
+        StepContext,
+        Strength,
+        UnitNorm,
+    )
+    from trainer.run.callbacks import Callback
+    from trainer.run.controller import Controller, Preempted, TrainResult
+    from trainer.step.loop import TrainLoop
+    from trainer.step.trainer import Trainer
+
+# Each public name's module, in the order they are imported.
+_MODULES = {
+    "trainer.cli.registry": (
+        "get_penalty",
+        "get_task",
+        "parse_penalty_spec",
+        "penalty_names",
+        "register_penalty",
+        "register_task",
+        "task_names",
+    ),
+    "trainer.errors": ("ConfigError",),
+    "trainer.inputs": ("read_to_memory",),
+    "trainer.optimizers": ("WarmupSchedule", "learning_rate_for", "make_optimizer"),
+    "trainer.options": ("TrainerOptions",),
+    "trainer.penalties": (
+        "L2",
+        "DecoupledWeightDecay",
+        "MaxNorm",
+        "NonNeg",
+        "Penalty",
+        "SelectiveL2",
+        "StepContext",
+        "Strength",
+        "UnitNorm",
+    ),
+    "trainer.run.callbacks": ("Callback",),
+    "trainer.run.controller": ("Controller", "Preempted", "TrainResult"),
+    "trainer.step.loop": ("TrainLoop",),
+    "trainer.step.trainer": ("Trainer",),
+}
 
 __all__ = [
     "L2",
@@ -59,3 +103,20 @@ __all__ = [
     "register_task",
     "task_names",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """A public name, all of them imported on the first (the built-in penalties register
+    then); else a submodule, imported."""
+    if name in __all__:
+        for module, names in _MODULES.items():
+            imported = importlib.import_module(module)
+            globals().update({n: getattr(imported, n) for n in names})
+        return globals()[name]
+    if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}"):
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -17,7 +17,8 @@ from trainer.distribution import PeerTimeout
 from trainer.errors import ConfigError
 from trainer.options import CHOICES, TrainerOptions, option_help, option_sections
 from trainer.run import files
-from trainer.run.controller import Preempted
+from trainer.run.callbacks import Callback
+from trainer.run.controller import Preempted, TrainResult
 from trainer.run.progress import format_losses
 from trainer.run.signals import INTERRUPTED_EXIT_STATUS
 from trainer.run.summaries import write_text
@@ -74,6 +75,51 @@ def _define_option_flags() -> dict[str, flags.FlagHolder]:
 
 
 _OPTION_FLAGS = _define_option_flags()
+
+
+class _Stage(Callback):
+    """Where the command is, for the line a Ctrl-C outside the training loop ends it with
+    (inside the loop the controller saves and stops: `Preempted`).
+
+    A callback of the trainer: a run's `on_train_begin` comes inside the loop's signal
+    handling, so a Ctrl-C that reaches the command after it came after the last step.
+    """
+
+    def __init__(self):
+        self.where = "while parsing flags"
+        self.trainer: Trainer | None = None
+        self.finishing = False  # after a run's last step, before its `on_train_end`
+        self.runs_done = 0
+
+    def on_train_begin(self, result: TrainResult) -> None:
+        self.finishing = True
+
+    def on_train_end(self, result: TrainResult) -> None:
+        self.finishing = False
+        self.runs_done += 1
+
+    def interrupted(self) -> str:
+        """Where the Ctrl-C came and what it left, for `trainer: Interrupted (SIGINT) ...`."""
+        if self.where == "after training":
+            return "after training; the run is complete."
+        if self.where != "training":
+            return f"{self.where}; nothing was trained."
+        opts = self.trainer.options  # in a sweep, the run's own directories
+        if self.finishing:
+            if opts.model_dir:
+                left = f"step {self.trainer.step} is saved in {opts.model_dir}: rerun to export"
+            else:
+                left = "nothing was saved (no model_dir)"
+            if opts.export_dir:
+                left += f"; `export_dir` ({opts.export_dir}) may hold a partial export"
+            return f"after the last step, while exporting and writing results; {left}."
+        if not self.runs_done:
+            return "before the first step; nothing was trained."
+        left = "rerun to resume" if opts.model_dir else "nothing was saved (no model_dir)"
+        return f"between runs of --sweep, {self.runs_done} done; {left}."
+
+
+_STAGE = _Stage()
 
 
 def _fail(message: str) -> None:
@@ -145,9 +191,11 @@ def build_trainer() -> Trainer:
     Raises:
       ConfigError: an unknown task or penalty, a bad spec or option.
     """
+    _STAGE.where = "while importing plugins"
     registry.load_plugins(registry.TASK_ENTRY_POINTS)
     registry.load_plugins(registry.PENALTY_ENTRY_POINTS)
     registry.import_modules(_IMPORT.value)
+    _STAGE.where = "while building the trainer"
     task = registry.get_task(_TASK.value)
     penalties = [registry.parse_penalty_spec(spec) for spec in _PENALTY.value]
     overrides = {name: flag.value for name, flag in _OPTION_FLAGS.items() if flag.value is not None}
@@ -174,19 +222,24 @@ def main(argv: list[str]) -> None:
     try:
         sweep = parse_sweep(_SWEEP.value) if _SWEEP.value else None
         trainer = build_trainer()
+        _STAGE.trainer, _STAGE.where = trainer, "training"
+        trainer.callbacks = [*trainer.callbacks, _STAGE]
         if trainer.options.model_dir and (_DESCRIBE.value or sweep):
             files.writable_dir("model_dir", trainer.options.model_dir)
         if _DESCRIBE.value:
+            _STAGE.where = "while describing the penalties"
             describe(trainer)
             return
         if sweep:
             results, table = run_sweep(trainer, sweep)
+            _STAGE.where = "after training"
             print(table)
             if all(r["diverged"] for r in results):
                 print(f"trainer: every run of --sweep={_SWEEP.value} diverged.", file=sys.stderr)
                 sys.exit(1)
             return
         result = trainer.train()
+        _STAGE.where = "after training"
     except ConfigError as e:
         _fail(str(e))
     except (FloatingPointError, files.WriteError) as e:
@@ -198,9 +251,6 @@ def main(argv: list[str]) -> None:
     except PeerTimeout as e:
         print(f"trainer: {e}", file=sys.stderr)
         sys.exit(PeerTimeout.EXIT_STATUS)
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop, which catches it itself
-        print("trainer: Interrupted (SIGINT).", file=sys.stderr)
-        sys.exit(INTERRUPTED_EXIT_STATUS)
     print(
         f"{_TASK.value}: {result.step} steps, {result.steps_per_sec:.0f} steps/s after a "
         f"{result.first_loop_sec:.1f} s first loop (tracing, compiling)\n"
@@ -213,11 +263,22 @@ def run(argv: Sequence[str] | None = None) -> None:
     """Runs the command line: `python -m trainer`, the `tapeloop` console script, or a caller
     that passes its own `argv` (tests run the CLI in their process this way).
 
+    A Ctrl-C at any moment ends it with one line on stderr, which says where it came and
+    what is left, and exit status 130: in the training loop after saving (`Preempted`),
+    elsewhere at once. `python -m trainer` and `tapeloop` guard the import of this module
+    (TensorFlow's) too: `trainer.__main__.main`.
+
     Args:
       argv: the command line, the program's name first; None reads `sys.argv`.
 
     Raises:
       SystemExit: always, with the exit status: 0 done, 1 a failed run, 2 bad input, 42 and
-        130 preempted or interrupted (saved), 75 a missing peer.
+        130 preempted or interrupted, 75 a missing peer.
     """
-    app.run(main, argv=None if argv is None else list(argv), flags_parser=_parse_flags)
+    global _STAGE
+    _STAGE = _Stage()
+    try:
+        app.run(main, argv=None if argv is None else list(argv), flags_parser=_parse_flags)
+    except KeyboardInterrupt:
+        print(f"trainer: Interrupted (SIGINT) {_STAGE.interrupted()}", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_STATUS)

@@ -82,13 +82,15 @@ def run_sweep(trainer: Trainer, spec: SweepSpec) -> tuple[list[dict[str, Any]], 
     that diverges (`train()` raises `FloatingPointError`) is recorded as such and the sweep
     goes on. With a `model_dir`, each run writes to `<model_dir>/<penalty>.<attribute>=<value>`
     (its TensorBoard scalars, HParams and checkpoints), and `model_dir` holds the HParams
-    config.
+    config. With an `export_dir`, each run that does not diverge exports its evaluated
+    weights (with `keep_best`, its best) to `<export_dir>/<penalty>.<attribute>=<value>`.
 
     Returns:
       The results, one dict per value: `value`, `diverged` (None, or the error's message),
-      and `TrainResult.to_dict()`'s fields (for a diverged run, `step` is the step reached
-      and `train`, `eval` and `history` are empty); and a table of the held-out metric
-      (`trainer.sweep_metric`) per value with the best marked.
+      `export_dir` (the run's export, None without one), and `TrainResult.to_dict()`'s
+      fields (for a diverged run, `step` is the step reached and `train`, `eval` and
+      `history` are empty); and a table of the held-out metric (`trainer.sweep_metric`) per
+      value with the best marked, and with exports a last line naming the best's folder.
 
     Raises:
       ConfigError: the spec names no penalty or strength of `trainer`, or a value the
@@ -97,27 +99,35 @@ def run_sweep(trainer: Trainer, spec: SweepSpec) -> tuple[list[dict[str, Any]], 
     penalty = _target(trainer, spec)
     metric, mode = trainer.sweep_metric
     initial = trainer.get_state()
-    base_dir = trainer.options.model_dir
+    base_dir, base_export = trainer.options.model_dir, trainer.options.export_dir
     if base_dir and trainer.is_chief:
         _write_config(base_dir, spec, metric)
+    if base_export and trainer.is_chief:
+        files.writable_dir("export_dir", base_export)  # before the first run, not after
     results = []
     for value in spec.values:
         trainer.set_state(initial)
         setattr(penalty, spec.attribute, value)
-        run_dir = files.join(base_dir, f"{spec.hparam}={value:g}") if base_dir else None
-        trainer.options = dataclasses.replace(trainer.options, model_dir=run_dir)
+        trial = f"{spec.hparam}={value:g}"  # the run's folder, in both directories
+        run_dir = files.join(base_dir, trial) if base_dir else None
+        export_dir = files.join(base_export, trial) if base_export else None
+        trainer.options = dataclasses.replace(
+            trainer.options, model_dir=run_dir, export_dir=export_dir
+        )
         try:
             result = trainer.train().to_dict()
             diverged = None
         except FloatingPointError as e:
             result = TrainResult(trainer.step).to_dict()
-            diverged = str(e)
+            diverged, export_dir = str(e), None
         if run_dir and trainer.is_chief:
             writer = tf.summary.create_file_writer(run_dir)
             summaries.write_hparams(writer, {spec.hparam: value}, trial_id=f"{value:g}")
             writer.close()
-        results.append({"value": value, "diverged": diverged, **result})
-    trainer.options = dataclasses.replace(trainer.options, model_dir=base_dir)
+        results.append({"value": value, "diverged": diverged, "export_dir": export_dir, **result})
+    trainer.options = dataclasses.replace(
+        trainer.options, model_dir=base_dir, export_dir=base_export
+    )
     return results, _table(spec, results, metric, mode)
 
 
@@ -144,4 +154,8 @@ def _table(spec: SweepSpec, results: list[dict[str, Any]], metric: str, mode: st
         else:
             cell = f"{score:.6g}" + ("  <- best" if score == best else "")
         lines.append(f"{result['value']:>24g}  {cell}")
+    exported = [r for r, s in zip(results, scores) if s == best and r["export_dir"]]
+    if exported:
+        run = exported[0]
+        lines.append(f"best: {spec.hparam}={run['value']:g}, exported to {run['export_dir']}")
     return "\n".join(lines)
