@@ -16,6 +16,7 @@ from trainer.distribution import is_default, sum_over_workers
 from trainer.errors import ConfigError
 from trainer.inputs import InputWait
 from trainer.run import files, resume, summaries
+from trainer.run.agreement import start_from_chief
 from trainer.run.callbacks import CallbackList
 from trainer.run.checkpointing import Checkpointer
 from trainer.run.hooks import Hooks, TaskHooks
@@ -236,6 +237,13 @@ class Controller:
                     if "watch" in states:  # where checkpoints before the callbacks kept it
                         tf.train.Checkpoint(runs=states["watch"]).restore(path).expect_partial()
                     tf.train.Checkpoint(callbacks=states).restore(path).expect_partial()
+        checkpointed = {  # as each worker restored it from its own model_dir
+            "model_variables": list(trainer.model.variables),
+            **trainer.checkpoint_objects(),
+            "penalties": _penalty_states(trainer.penalties),
+            "callbacks": states,
+        }
+        start_from_chief(trainer.strategy, checkpointed, trainer.step)  # the chief's is the run's
         if not loop.in_memory and iterator is None:  # a distributed iterator cannot be saved
             iterator = iter(trainer.distribute(trainer.train_dataset().skip(trainer.step)))
         if trainer.step >= opts.train_steps:
