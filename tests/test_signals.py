@@ -1,5 +1,6 @@
 """Signals through the CLI: Ctrl-C saves and exits 130 (twice: at once); SIGTERM to one worker
-stops every worker at the same step; a missing peer or a signal ends the wait for peers."""
+stops every worker at the same step, and every worker resumes from the chief's checkpoint; a
+missing peer or a signal ends the wait for peers."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import tensorflow as tf
 from array_task import free_ports
 
@@ -143,40 +145,63 @@ class CtrlCTest(tf.test.TestCase):
 class WorkersTest(tf.test.TestCase):
     """2 worker processes of MultiWorkerMirroredStrategy (TF_CONFIG on 127.0.0.1)."""
 
-    def run_workers(self, out, name, model_dir, **env_of_worker1):
+    def start_workers(self, out, name, model_dirs, **env_of_worker1):
+        """Workers 0 (the chief) and 1 with these `--model_dir`s, each writing its final
+        weights to `<name><i>.npz`."""
         ports = free_ports(2)
-        flags = ["--strategy=multi_worker", f"--model_dir={model_dir}", "--eval_every=2",
-                 "--steps_per_loop=2", "--train_steps=16"]  # fmt: skip
+        flags = ["--strategy=multi_worker", "--eval_every=2", "--steps_per_loop=2",
+                 "--train_steps=16", "--deterministic"]  # fmt: skip
         envs = [{"TF_CONFIG": tf_config(ports, 0)},
                 {"TF_CONFIG": tf_config(ports, 1), **env_of_worker1}]  # fmt: skip
-        workers = [Cli(self, out, f"{name}{i}", *flags, **env) for i, env in enumerate(envs)]
-        return [w.wait() for w in workers]
+        return [
+            Cli(self, out, f"{name}{i}", *flags, f"--model_dir={model_dir}",
+                DIST_WEIGHTS_OUT=os.path.join(out, f"{name}{i}.npz"), **env)
+            for i, (model_dir, env) in enumerate(zip(model_dirs, envs))
+        ]  # fmt: skip
 
-    def test_sigterm_to_one_worker_stops_both_at_the_same_step(self):
-        """Worker 1 gets SIGTERM at step 4: both save step 6 and exit 42; both resume to 16."""
+    def weights(self, out, name):
+        with np.load(os.path.join(out, f"{name}.npz")) as saved:
+            return [saved[f"arr_{i}"] for i in range(len(saved.files))]
+
+    def test_sigterm_to_one_worker_stops_both_and_both_resume_from_the_chiefs_checkpoint(self):
+        """Each worker with its own model_dir (the same command on each host). Worker 1 gets
+        SIGTERM at step 4: both stop at step 6 and exit 42, and only the chief's directory
+        holds ckpt-6. Rerun, worker 1 takes the chief's state (step 6) and both end at step
+        16 with the weights, bit for bit, of an uninterrupted run (whose workers share a
+        model_dir, as on a shared file system)."""
         out = self.create_tempdir().full_path
-        model_dir = os.path.join(out, "run")
-        (rc0, log0), (rc1, log1) = self.run_workers(
-            out, "preempted", model_dir, SIGNAL_AT_STEP="4:SIGTERM"
-        )
+        own_dirs = [os.path.join(out, "run0"), os.path.join(out, "run1")]
+        reference = self.start_workers(out, "uninterrupted", [os.path.join(out, "shared")] * 2)
+        preempted = self.start_workers(out, "preempted", own_dirs, SIGNAL_AT_STEP="4:SIGTERM")
+        (rc0, log0), (rc1, log1) = [w.wait() for w in preempted]
         self.assertEqual((rc0, rc1), (42, 42), f"{log0[-2000:]}\n{log1[-2000:]}")
         self.assertEqual(
             trainer_lines(log0),
             [f"trainer: Preempted (SIGTERM to another worker): saved step 6 to "
-             f"{model_dir}/ckpt-6; rerun to resume."],
+             f"{own_dirs[0]}/ckpt-6; rerun to resume."],
         )  # fmt: skip
         self.assertEqual(
             trainer_lines(log1),
-            [f"trainer: Preempted (SIGTERM): saved step 6 to {model_dir}; rerun to resume."],
-        )
-        self.assertEqual(tf.train.latest_checkpoint(model_dir), f"{model_dir}/ckpt-6")
+            ["trainer: Preempted (SIGTERM): the chief saved step 6 (this worker keeps no "
+             "checkpoint); rerun every worker to resume."],
+        )  # fmt: skip
+        self.assertEqual(tf.train.latest_checkpoint(own_dirs[0]), f"{own_dirs[0]}/ckpt-6")
+        self.assertIsNone(tf.train.latest_checkpoint(own_dirs[1]))
 
-        (rc0, log0), (rc1, log1) = self.run_workers(out, "resumed", model_dir)
+        (rc0, log0), (rc1, log1) = [w.wait() for w in self.start_workers(out, "resumed", own_dirs)]
         self.assertEqual((rc0, rc1), (0, 0), f"{log0[-2000:]}\n{log1[-2000:]}")
-        for log in (log0, log1):
-            self.assertIn(f"Restored {model_dir}/ckpt-6", log)
-        with open(os.path.join(model_dir, "results.json")) as f:
+        self.assertIn(f"Restored {own_dirs[0]}/ckpt-6", log0)
+        self.assertIn("Took the chief's state: step 6 (this worker had step 0).", log1)
+        with open(os.path.join(own_dirs[0], "results.json")) as f:
             self.assertEqual(json.load(f)["step"], 16)
+        self.assertFalse(os.path.exists(os.path.join(own_dirs[1], "results.json")))
+
+        for rc, log in [w.wait() for w in reference]:
+            self.assertEqual(rc, 0, log[-2000:])
+        expected = self.weights(out, "uninterrupted0")
+        for name in ("uninterrupted1", "resumed0", "resumed1"):
+            for got, want in zip(self.weights(out, name), expected, strict=True):
+                self.assertAllEqual(got, want, msg=name)
 
     def test_a_missing_peer_ends_the_wait_with_one_line(self):
         """Worker 0 alone, and worker 1 alone (in other clusters), --peer_timeout=5: each

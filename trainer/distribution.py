@@ -1,9 +1,10 @@
-"""tf.distribute strategies by name, who is chief, and how workers meet and agree to stop."""
+"""tf.distribute strategies by name, who is chief, how workers meet, and what they agree on."""
 
 from __future__ import annotations
 
 import faulthandler
 import functools
+import itertools
 import os
 import signal
 import socket
@@ -290,3 +291,119 @@ def _all_reduce(strategy: tf.distribute.Strategy):
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None) / replicas
 
     return all_reduce
+
+
+def worker_names(strategy: tf.distribute.Strategy) -> list[str]:
+    """The processes that run `strategy`'s replicas, chief first: `["chief 0", "worker 0"]`
+    or `["worker 0", "worker 1"]` for a multi-worker cluster; `["this process"]` otherwise."""
+    if worker_count(strategy) == 1:
+        return ["this process"]
+    spec = strategy.cluster_resolver.cluster_spec()
+    return [
+        f"{job} {index}"
+        for job in _COORDINATED_JOBS
+        if job in spec.jobs
+        for index in sorted(spec.task_indices(job))
+    ]
+
+
+def worker_index(strategy: tf.distribute.Strategy) -> int:
+    """This process's place in `worker_names(strategy)`: 0 on the chief."""
+    if worker_count(strategy) == 1:
+        return 0
+    resolver = strategy.cluster_resolver
+    return worker_names(strategy).index(f"{resolver.task_type} {resolver.task_id}")
+
+
+def gather_from_workers(strategy: tf.distribute.Strategy, row: Sequence[int]) -> list[list[int]]:
+    """Every worker's `row` of integers, in `worker_names` order.
+
+    Over several processes this is a collective that each of them must call, in the same
+    order, with rows of the same length; with one process nothing runs.
+    """
+    count = worker_count(strategy)
+    if count == 1:
+        return [list(row)]
+    own = tf.one_hot(worker_index(strategy), count, dtype=tf.int64)[:, None]
+    table = own * tf.constant([list(row)], tf.int64)  # this worker's row; zeros elsewhere
+    (summed,) = _sum_over_workers(strategy, [table], contribute=True)
+    return summed.numpy().tolist()
+
+
+def broadcast_from_chief(
+    strategy: tf.distribute.Strategy, tensors: Sequence[tf.Tensor]
+) -> list[tf.Tensor]:
+    """The chief's `tensors`, on every worker of a multi-worker `strategy`; else `tensors`.
+
+    Over several processes this is a collective that each of them must call, in the same
+    order, with tensors of the same shapes and dtypes: a sum to which only the chief
+    contributes, exact for every float, integer and boolean dtype (floats are summed in
+    float32 or float64, the others in int64, and cast back). With one process nothing runs.
+
+    Raises:
+      TypeError: a tensor of another dtype (complex, string).
+    """
+    if worker_count(strategy) == 1:
+        return list(tensors)
+    flat, groups = pack_by_dtype(tensors)
+    summed = _sum_over_workers(strategy, flat, contribute=is_chief(strategy))
+    return unpack_by_dtype(summed, groups, tensors)
+
+
+def pack_by_dtype(tensors: Sequence[tf.Tensor]) -> tuple[list[tf.Tensor], list[list[int]]]:
+    """`tensors` flattened into one vector per dtype they are summed in (`_summed_dtype`),
+    and the indices of the tensors in each; `unpack_by_dtype` undoes it."""
+    groups: dict[tf.DType, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(_summed_dtype(t.dtype), []).append(i)
+    flat = [
+        tf.concat([tf.reshape(tf.cast(tensors[i], dtype), [-1]) for i in indices], axis=0)
+        for dtype, indices in groups.items()
+    ]
+    return flat, list(groups.values())
+
+
+def unpack_by_dtype(
+    flat: Sequence[tf.Tensor], groups: Sequence[Sequence[int]], like: Sequence[tf.Tensor]
+) -> list[tf.Tensor]:
+    """Tensors of the shapes and dtypes of `like` from `pack_by_dtype`'s vectors."""
+    out: list[tf.Tensor] = list(like)
+    for values, indices in zip(flat, groups, strict=True):
+        pieces = tf.split(values, [int(tf.size(like[i])) for i in indices])
+        for i, piece in zip(indices, pieces):
+            out[i] = tf.cast(tf.reshape(piece, tf.shape(like[i])), like[i].dtype)
+    return out
+
+
+def _summed_dtype(dtype: tf.DType) -> tf.DType:
+    """The dtype `dtype` is summed in, exactly: float32 or float64 for floats, else int64."""
+    if dtype.is_floating:
+        return tf.float64 if dtype == tf.float64 else tf.float32
+    if dtype.is_integer or dtype == tf.bool:
+        return tf.int64
+    raise TypeError(f"Cannot broadcast a {dtype.name} tensor from the chief.")
+
+
+def _sum_over_workers(
+    strategy: tf.distribute.Strategy, tensors: Sequence[tf.Tensor], *, contribute: bool
+) -> list[tf.Tensor]:
+    """`tensors` summed over the workers, each worker's counted once (by one of its local
+    replicas), or not at all where `contribute` is False."""
+    calls = itertools.count()
+
+    def per_replica(context: tf.distribute.experimental.ValueContext) -> tuple[tf.Tensor, ...]:
+        del context
+        counted = contribute and next(calls) == 0
+        return tuple(t if counted else tf.zeros_like(t) for t in tensors)
+
+    values = strategy.experimental_distribute_values_from_function(per_replica)
+    return list(_collective_sum(strategy)(values))
+
+
+@functools.cache
+def _collective_sum(strategy: tf.distribute.Strategy):
+    @tf.function
+    def collective_sum(values):
+        return tuple(strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in values)
+
+    return collective_sum

@@ -15,6 +15,7 @@ from absl import logging
 from trainer.distribution import is_default, sum_over_workers
 from trainer.inputs import InputWait
 from trainer.run import files, records, resume, summaries
+from trainer.run.agreement import start_from_chief
 from trainer.run.callbacks import CallbackList
 from trainer.run.checkpointing import Checkpointer
 from trainer.run.hooks import Hooks, TaskHooks
@@ -41,9 +42,11 @@ class Preempted(Exception):
 
     Attributes:
       step: the step reached (and saved).
-      path: the checkpoint saved (on a non-chief worker, the `model_dir` its chief saved
-        to); None without a `model_dir`.
+      path: the checkpoint saved; None without a `model_dir`, and on a non-chief worker.
       signal: `signal.SIGTERM` (preemption) or `signal.SIGINT` (Ctrl-C).
+      saved_by_chief: on a non-chief worker of a multi-worker run with a `model_dir`: the
+        chief saved the step, in its own `model_dir`; this worker keeps no checkpoint (on
+        resume it takes the chief's state).
       exit_status: the CLI's exit status: `EXIT_STATUS` (42) after SIGTERM, 130 (128 +
         SIGINT, as shells report Ctrl-C) after SIGINT.
     """
@@ -51,17 +54,29 @@ class Preempted(Exception):
     EXIT_STATUS = 42  # after SIGTERM, as TensorFlow's PreemptionCheckpointHandler
 
     def __init__(
-        self, step: int, path: str | None, signal: Signals = SIGTERM, *, elsewhere: bool = False
+        self,
+        step: int,
+        path: str | None,
+        signal: Signals = SIGTERM,
+        *,
+        elsewhere: bool = False,
+        saved_by_chief: bool = False,
     ):
         what = "Preempted" if signal == SIGTERM else "Interrupted"
         cause = f"{signal.name} to another worker" if elsewhere else signal.name
-        if path:
+        if saved_by_chief:
+            super().__init__(
+                f"{what} ({cause}): the chief saved step {step} (this worker keeps no "
+                "checkpoint); rerun every worker to resume."
+            )
+        elif path:
             super().__init__(f"{what} ({cause}): saved step {step} to {path}; rerun to resume.")
         else:
             super().__init__(f"{what} ({cause}) at step {step}; nothing saved (no model_dir).")
         self.step = step
         self.path = path
         self.signal = signal
+        self.saved_by_chief = saved_by_chief
 
     @property
     def exit_status(self) -> int:
@@ -288,6 +303,13 @@ class Controller:
                     if "watch" in states:  # where checkpoints before the callbacks kept it
                         tf.train.Checkpoint(runs=states["watch"]).restore(path).expect_partial()
                     tf.train.Checkpoint(callbacks=states).restore(path).expect_partial()
+        checkpointed = {  # as each worker restored it from its own model_dir
+            "model_variables": list(trainer.model.variables),
+            **trainer.checkpoint_objects(),
+            "penalties": _penalty_states(trainer.penalties),
+            "callbacks": states,
+        }
+        start_from_chief(trainer.strategy, checkpointed, trainer.step)  # the chief's is the run's
         if not loop.in_memory and iterator is None:  # a distributed iterator cannot be saved
             iterator = iter(trainer.distribute(trainer.train_dataset().skip(trainer.step)))
         if trainer.step >= opts.train_steps:
@@ -401,9 +423,15 @@ class Controller:
                 progress.close()
                 if checkpointer:
                     checkpointer.close()
-                    path = path if checkpointer.chief else checkpointer.directory
                 signal, elsewhere = stop
-                raise Preempted(step, path, signal, elsewhere=elsewhere)
+                by_chief = checkpointer is not None and not checkpointer.chief
+                raise Preempted(
+                    step,
+                    None if by_chief else path,
+                    signal,
+                    elsewhere=elsewhere,
+                    saved_by_chief=by_chief,
+                )
             if reason:
                 progress.message(f"Stopping early at step {step}: {reason}.")
         progress.close()
