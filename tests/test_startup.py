@@ -6,6 +6,7 @@ KeyboardInterrupt raised where a real one would land, to check each stage's line
 """
 
 import configparser
+import json
 import os
 import signal
 import subprocess
@@ -215,7 +216,8 @@ class CtrlCStagesTest(CliTestCase):
             f"({export_dir}) may hold a partial export.",
         )
         self.assertEqual(tf.train.latest_checkpoint(model_dir), f"{model_dir}/ckpt-20")
-        self.assertFalse(os.path.exists(os.path.join(model_dir, "results.json")))
+        with open(os.path.join(model_dir, "results.json")) as f:  # written before the export
+            self.assertEqual(json.load(f)["step"], 20)
 
         result = run_cli(*flags)
         self.assertEqual(result.returncode, 0, context(result))
