@@ -101,6 +101,15 @@ class CommandLineTest(CliTestCase):
          "needs a `model_dir`"),
         ("export_dir", ["--model_dir=/tmp/x", "--export_dir=/tmp/x/"], "`export_dir` "
          "('/tmp/x/') is `model_dir` ('/tmp/x')"),
+        ("sam_rho", ["--sam_rho=-0.05"], "`sam_rho` (-0.05) must be"),
+        ("sam_adaptive", ["--sam_adaptive"], "`sam_adaptive` (True) needs `sam_rho` above 0"),
+        ("swa_start", ["--swa_start=5"], "`swa_start` (5) needs `swa_every` above 0"),
+        ("swa_start_late", ["--swa_start=10", "--swa_every=1"], "`swa_start` (10) must be an "
+         "integer from 0 to 9"),
+        ("swa_with_ema", ["--swa_every=2", "--ema_decay=0.9"], "`swa_every` (2) and `ema_decay` "
+         "(0.9) both average the weights"),
+        ("swa_bn_batches", ["--swa_every=2", "--swa_bn_batches=0"], "`swa_bn_batches` (0) must "
+         "be an integer from 1"),
     )  # fmt: skip
     def test_one_line_exit_2_before_training(self, flags, message):
         result = run_cli("--train_steps=10", *flags)

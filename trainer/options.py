@@ -42,7 +42,7 @@ OPTIMIZER = "optimizer"
 DATA = "data"
 LOOP = "loop & evaluation"
 CHECKPOINTS = "checkpoints & export"
-TECHNIQUES = "techniques: schedules, clipping, accumulation, EMA"
+TECHNIQUES = "techniques: schedules, clipping, accumulation, SAM, EMA, SWA"
 RUNS = "runs: early stopping, rollback, profiling"
 DISTRIBUTION = "distribution & precision"
 SECTIONS = (OPTIMIZER, DATA, LOOP, CHECKPOINTS, TECHNIQUES, RUNS, DISTRIBUTION)
@@ -234,6 +234,46 @@ class TrainerOptions:
         "continues on the raw weights; from 0 (off, the default) to below 1.",
         recorded=True,
     )
+    sam_rho: float = _option(
+        0.0,
+        TECHNIQUES,
+        "sharpness-aware minimization (SAM, Foret et al. 2021): the radius rho of the weight "
+        "perturbation; each step takes the gradients at w, perturbs the weights by "
+        "rho*g/||g||, takes the gradients there, restores w and applies those. 0 (the default) "
+        "is off: the plain step.",
+        recorded=True,
+    )
+    sam_adaptive: bool = _option(
+        False,
+        TECHNIQUES,
+        "with sam_rho, adaptive SAM (ASAM, Kwon et al. 2021): the perturbation scaled "
+        "element-wise by |w|.",
+        recorded=True,
+    )
+    swa_start: int = _option(
+        0,
+        TECHNIQUES,
+        "with swa_every, stochastic weight averaging (SWA, Izmailov et al. 2018) from this "
+        "optimizer step on, from 0 to below train_steps.",
+        recorded=True,
+    )
+    swa_every: int = _option(
+        0,
+        TECHNIQUES,
+        "average the weights after every this many optimizer steps from swa_start (SWA); "
+        "evaluation, export, keep_best and sweeps use the average (BatchNorm statistics "
+        "recomputed over swa_bn_batches training batches) while training continues on the "
+        "raw weights. 0 (the default) is off.",
+        recorded=True,
+    )
+    swa_bn_batches: int = _option(
+        32,
+        TECHNIQUES,
+        "with SWA, the training batches the BatchNorm moving statistics of the averaged "
+        "weights are recomputed over before each evaluation and export, positive; models "
+        "without BatchNorm skip it.",
+        recorded=True,
+    )
     early_stop_patience: int = _option(
         0,
         RUNS,
@@ -297,7 +337,7 @@ class TrainerOptions:
         for name, choices in CHOICES.items():
             check_choice(name, getattr(self, name), choices)
         check_strategy(self.strategy, self.cpu_replicas)
-        for name in ("use_tf_function", "deterministic", "keep_best"):
+        for name in ("use_tf_function", "deterministic", "keep_best", "sam_adaptive"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"`{name}` ({getattr(self, name)!r}) must be True or False.")
         if self.jit_compile not in (None, True, False):
@@ -344,6 +384,19 @@ class TrainerOptions:
         ema = check_non_negative("ema_decay", self.ema_decay)
         if ema >= 1:
             raise ConfigError(f"`ema_decay` ({self.ema_decay!r}) must be from 0 (off) to below 1.")
+        check_non_negative("sam_rho", self.sam_rho)
+        if self.sam_adaptive and not self.sam_rho:
+            raise ConfigError("`sam_adaptive` (True) needs `sam_rho` above 0.")
+        check_integer("swa_every", self.swa_every, 0)
+        check_integer("swa_start", self.swa_start, 0, self.train_steps - 1)
+        check_integer("swa_bn_batches", self.swa_bn_batches, 1)
+        if self.swa_start and not self.swa_every:
+            raise ConfigError(f"`swa_start` ({self.swa_start}) needs `swa_every` above 0.")
+        if self.swa_every and self.ema_decay:
+            raise ConfigError(
+                f"`swa_every` ({self.swa_every}) and `ema_decay` ({self.ema_decay!r}) both "
+                "average the weights: evaluation and export can use one average; choose one."
+            )
 
     def _check_runs(self) -> None:
         check_integer("early_stop_patience", self.early_stop_patience, 0)
