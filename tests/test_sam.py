@@ -1,0 +1,237 @@
+"""Proven correct: SAM and ASAM (`sam_rho`, `sam_adaptive`) against a hand-written two-pass
+GradientTape reference, under accumulation, a mirrored strategy, loss scaling, clipping and
+decoupled decay, and across a resume; each with a wrong variant that must land elsewhere."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+from array_task import ArrayTask, batches, regression_data
+from test_equivalence import mlp
+
+from trainer import L2, ConfigError, DecoupledWeightDecay, TrainerOptions
+from trainer.distribution import make_strategy
+from trainer.step.chain import techniques_line
+from trainer.step.sam import ASAM_ETA, SharpnessAware
+
+STEPS, BATCH, LAM = 10, 16, 0.05
+ALL = lambda v: True  # noqa: E731
+OPTIMIZERS = {
+    "sgd": lambda **kw: keras.optimizers.SGD(0.05, **kw),
+    "adam": lambda **kw: keras.optimizers.Adam(1e-2, **kw),
+}
+
+
+def named_mlp(regularizer=None) -> keras.Model:
+    """`mlp` with fixed variable paths, so that a second instance can resume the first's run."""
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="tanh", name="h"),
+                             keras.layers.Dense(2, name="out")], name="net")  # fmt: skip
+
+
+def relative_diff(got: list[np.ndarray], want: list[np.ndarray]) -> float:
+    """The largest |got − want| of each array over that array's largest |want|."""
+    return max(
+        float(np.max(np.abs(g - w)) / np.max(np.abs(w))) for g, w in zip(got, want, strict=True)
+    )
+
+
+def reference(init, x, y, optimizer, rho, adaptive=False, lam=LAM, steps=STEPS, restore=True):
+    """SAM/ASAM written out in eager TF on `mlp`'s weights: the MSE data loss + L2(lam) on
+    every weight, ε from the gradient, the gradient again at w + ε, w put back, the optimizer
+    applied to the second gradient. `restore=False` is a wrong variant (w + ε kept)."""
+    weights = [tf.Variable(w) for w in init]
+
+    def gradient(features, labels):
+        with tf.GradientTape() as tape:
+            k1, b1, k2, b2 = weights
+            outputs = tf.tanh(features @ k1 + b1) @ k2 + b2
+            loss = tf.reduce_mean(tf.square(labels - outputs))
+            loss += lam * tf.add_n([tf.reduce_sum(tf.square(w)) for w in weights])
+        return tape.gradient(loss, weights)
+
+    for features, labels in batches(x, y, BATCH, steps):
+        g = gradient(features, labels)
+        if adaptive:
+            t = [tf.abs(w) + ASAM_ETA for w in weights]
+            norm = tf.linalg.global_norm([ti * gi for ti, gi in zip(t, g)])
+            eps = [rho * ti * ti * gi / norm for ti, gi in zip(t, g)]
+        else:
+            norm = tf.linalg.global_norm(g)
+            eps = [rho * gi / norm for gi in g]
+        saved = [w.numpy() for w in weights]
+        for w, e in zip(weights, eps):
+            w.assign_add(e)
+        second = gradient(features, labels)
+        if restore:
+            for w, s in zip(weights, saved):
+                w.assign(s)
+        optimizer.apply_gradients(zip(second, weights))
+    return [w.numpy() for w in weights]
+
+
+class SamTestBase(parameterized.TestCase, tf.test.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.x, cls.y = regression_data(n=80)
+        keras.utils.set_random_seed(1)
+        cls.init = mlp().get_weights()
+
+    def make(self, optimizer, penalties=(), model_fn=mlp, strategy=None, **options):
+        options = {"batch_size": BATCH, "train_steps": STEPS, "steps_per_loop": STEPS, **options}
+        task = ArrayTask(self.x, self.y, TrainerOptions(**options), model_fn=model_fn,
+                         optimizer=optimizer, penalties=penalties, strategy=strategy)  # fmt: skip
+        task.model.set_weights(self.init)
+        return task
+
+    def run_task(self, *args, **kwargs) -> list[np.ndarray]:
+        task = self.make(*args, **kwargs)
+        task.train()
+        return task.model.get_weights()
+
+    def assert_near(self, got, want, tolerance=1e-6):
+        diff = relative_diff(got, want)
+        print(f"MEASURED {self.id()}: relative diff {diff:.2e} (tolerance {tolerance:g})")
+        self.assertLessEqual(diff, tolerance)
+
+    def assert_apart(self, wrong, want, margin=1e-4):
+        diff = relative_diff(wrong, want)
+        print(f"MEASURED {self.id()}: wrong variant {diff:.2e} (must exceed {margin:g})")
+        self.assertGreater(diff, margin)
+
+
+class SamReferenceTest(SamTestBase):
+    @parameterized.named_parameters(
+        ("sam_sgd", "sgd", 0.05, False),
+        ("sam_adam", "adam", 0.05, False),
+        ("asam_sgd", "sgd", 0.5, True),
+        ("asam_adam", "adam", 0.5, True),
+    )
+    def test_sam_matches_two_pass_gradient_tape_reference(self, name, rho, adaptive):
+        """SAM / ASAM with L2 over 10 steps ≡ the hand-written reference, relative ≤ 1e-6.
+        Wrong variants: w + ε kept (not restored); the plain step (ρ = 0)."""
+        got = self.run_task(OPTIMIZERS[name], [L2(LAM)], sam_rho=rho, sam_adaptive=adaptive)
+        want = reference(self.init, self.x, self.y, OPTIMIZERS[name](), rho, adaptive)
+        self.assert_near(got, want)
+        kept = reference(self.init, self.x, self.y, OPTIMIZERS[name](), rho, adaptive,
+                         restore=False)  # fmt: skip
+        self.assert_apart(kept, want)
+        plain = reference(self.init, self.x, self.y, OPTIMIZERS[name](), 0.0)
+        self.assert_apart(plain, want)
+
+    def test_sam_with_accumulation_matches_full_batch_reference(self):
+        """accumulate_steps=2 (ε from the whole batch's gradient, then a second accumulated
+        pass) ≡ the full-batch reference, Adam + L2, relative ≤ 1e-6. Wrong variant: ASAM's
+        reference."""
+        got = self.run_task(OPTIMIZERS["adam"], [L2(LAM)], sam_rho=0.05, accumulate_steps=2)
+        want = reference(self.init, self.x, self.y, OPTIMIZERS["adam"](), 0.05)
+        self.assert_near(got, want)
+        asam = reference(self.init, self.x, self.y, OPTIMIZERS["adam"](), 0.05, adaptive=True)
+        self.assert_apart(asam, want)
+
+    def test_sam_composes_with_clipping_and_decoupled_weight_decay(self):
+        """SAM's second gradient clipped to global norm 0.3, decoupled decay, SGD ≡ the
+        reference with Keras `SGD(weight_decay=wd, global_clipnorm=0.3)` applying the second
+        gradient, relative ≤ 1e-6. Wrong variant: the same without clipping."""
+        wd, clip = 0.2, 0.3
+        got = self.run_task(OPTIMIZERS["sgd"], [L2(LAM), DecoupledWeightDecay(wd, include=ALL)],
+                            sam_rho=0.05, clip_global_norm=clip)  # fmt: skip
+        keras_sgd = OPTIMIZERS["sgd"](weight_decay=wd, global_clipnorm=clip)
+        want = reference(self.init, self.x, self.y, keras_sgd, 0.05)
+        self.assert_near(got, want)
+        unclipped = reference(self.init, self.x, self.y, OPTIMIZERS["sgd"](weight_decay=wd), 0.05)
+        self.assert_apart(unclipped, want)
+
+    def test_sam_restores_the_weights_bit_for_bit(self):
+        """With a learning rate of 0 the weights after 10 SAM steps are the initial ones, bit
+        for bit (restored from a copy, not w + ε − ε). Wrong variant: w + ε kept."""
+        task = self.make(lambda: keras.optimizers.SGD(0.0), [L2(LAM)], sam_rho=0.5,
+                         sam_adaptive=True)  # fmt: skip
+        task.train()
+        for got, want in zip(task.model.get_weights(), self.init, strict=True):
+            self.assertAllEqual(got, want)
+
+    def test_sam_rho_zero_is_the_plain_step_bit_for_bit(self):
+        """sam_rho=0 adds no stage: the weights equal a run without the option, bit for bit.
+        Wrong variant: a tiny ρ (1e-3) moves them."""
+        plain = self.make(OPTIMIZERS["adam"], [L2(LAM)])
+        zero = self.make(OPTIMIZERS["adam"], [L2(LAM)], sam_rho=0.0)
+        self.assertIsNone(zero.built.chain.stage(SharpnessAware))
+        self.assertEqual(zero.built.chain.describe(), plain.built.chain.describe())
+        plain.train()
+        zero.train()
+        for got, want in zip(zero.model.get_weights(), plain.model.get_weights(), strict=True):
+            self.assertAllEqual(got, want)
+        tiny = self.run_task(OPTIMIZERS["adam"], [L2(LAM)], sam_rho=1e-3)
+        self.assert_apart(tiny, plain.model.get_weights(), 1e-7)
+
+    def test_sam_describe_and_bad_values(self):
+        """The chain and the techniques line name SAM / ASAM and ρ; ρ < 0 or NaN is refused in
+        one line naming `sam_rho` and its value."""
+        sam = self.make(OPTIMIZERS["sgd"], sam_rho=0.05)
+        self.assertIn("gradients -> sam_rho=0.05", sam.built.chain.describe())
+        options = TrainerOptions(sam_rho=0.5, sam_adaptive=True)
+        self.assertIn("asam_rho=0.5 (two gradient passes per step)", techniques_line(options))
+        for bad in (-1.0, float("nan")):
+            with self.assertRaisesRegex(ConfigError, rf"^`sam_rho` \({bad}\)[^\n]*$"):
+                TrainerOptions(sam_rho=bad)
+
+
+class SamDistributedTest(SamTestBase):
+    def test_sam_under_mirrored_strategy_matches_one_device(self):
+        """2 replicas on logical CPUs ≡ one device, SAM, Adam + L2, relative ≤ 1e-6 (ε from
+        the all-reduced gradient; each replica's own half would move elsewhere). Wrong
+        variant: the plain step."""
+        one = self.run_task(OPTIMIZERS["adam"], [L2(LAM)], sam_rho=0.05)
+        two = self.run_task(OPTIMIZERS["adam"], [L2(LAM)], sam_rho=0.05,
+                            strategy=make_strategy("mirrored", cpu_replicas=2))  # fmt: skip
+        self.assert_near(two, one)
+        plain = reference(self.init, self.x, self.y, OPTIMIZERS["adam"](), 0.0)
+        self.assert_apart(plain, one)
+
+
+class SamLossScaleTest(SamTestBase):
+    def test_sam_nonfinite_first_gradient_skips_the_step_under_mixed_float16(self):
+        """mixed_float16 with a loss scale of 2^100: the float16 gradients overflow, the step
+        is skipped with every weight unchanged bit for bit and the scale lowered; at a scale
+        of 2^10 the next step applies."""
+        task = self.make(OPTIMIZERS["sgd"], [L2(LAM)], sam_rho=0.05,
+                         mixed_precision="mixed_float16")  # fmt: skip
+        optimizer = task.optimizer
+        optimizer.dynamic_scale.assign(2.0**100)
+        before = task.model.get_weights()
+        iterator = iter(task.train_dataset())
+        task.train_loop.run(1, iterator)
+        self.assertEqual(int(optimizer.iterations), 0)
+        self.assertLess(float(optimizer.dynamic_scale), 2.0**100)
+        for got, want in zip(task.model.get_weights(), before, strict=True):
+            self.assertAllEqual(got, want)
+        optimizer.dynamic_scale.assign(2.0**10)
+        task.train_loop.run(1, iterator)
+        self.assertEqual(int(optimizer.iterations), 1)
+        moved = max(float(np.max(np.abs(a - b))) for a, b in zip(task.model.get_weights(), before))
+        self.assertGreater(moved, 1e-4)
+
+
+class SamResumeTest(SamTestBase):
+    def test_sam_checkpoint_resume_is_bit_identical(self):
+        """ASAM, deterministic: 10 steps, stop, resume to 20 ≡ 20 steps at once, bit for bit."""
+        options = {"sam_rho": 0.5, "sam_adaptive": True, "deterministic": True,
+                   "model_fn": named_mlp, "train_steps": 2 * STEPS}  # fmt: skip
+        straight = self.run_task(OPTIMIZERS["adam"], [L2(LAM)], **options)
+        model_dir = self.create_tempdir().full_path
+        options.update(model_dir=model_dir, checkpoint_every=STEPS)
+        self.run_task(OPTIMIZERS["adam"], [L2(LAM)], **{**options, "train_steps": STEPS})
+        resumed = self.make(OPTIMIZERS["adam"], [L2(LAM)], **options)
+        resumed.train()
+        self.assertEqual(int(resumed.optimizer.iterations), 2 * STEPS)
+        for got, want in zip(resumed.model.get_weights(), straight, strict=True):
+            self.assertAllEqual(got, want)
+
+
+if __name__ == "__main__":
+    tf.test.main()
