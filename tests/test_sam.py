@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 from array_task import ArrayTask, batches, regression_data
+from cli_runner import CliTestCase, context, run_cli
 from test_equivalence import mlp
 
 from trainer import L2, ConfigError, DecoupledWeightDecay, TrainerOptions
@@ -258,6 +259,18 @@ class SamResumeTest(SamTestBase):
         self.assertEqual(int(resumed.optimizer.iterations), 2 * STEPS)
         for got, want in zip(resumed.model.get_weights(), straight, strict=True):
             self.assertAllEqual(got, want)
+
+
+class SamCliTest(CliTestCase):
+    def test_sam_flags_from_the_command_line(self):
+        """--sam_rho with --sam_adaptive trains the default task (exit 0) with ASAM in the
+        techniques and step lines; --sam_rho=nan is a one-line usage error (exit 2)."""
+        result = run_cli("--sam_rho=0.5", "--sam_adaptive", "--train_steps=20")
+        self.assertEqual(result.returncode, 0, context(result))
+        output = result.stderr + result.stdout
+        self.assertIn("techniques: asam_rho=0.5 (two gradient passes per step)", output)
+        self.assertIn("gradients -> asam_rho=0.5 -> ", output)
+        self.assert_usage_error(run_cli("--sam_rho=nan"), "`sam_rho` (nan)")
 
 
 if __name__ == "__main__":
