@@ -247,7 +247,7 @@ class TrainerOptions:
         False,
         TECHNIQUES,
         "with sam_rho, adaptive SAM (ASAM, Kwon et al. 2021): the perturbation scaled "
-        "element-wise by |w|.",
+        "element-wise, rho*T^2*g/||T*g|| with T = |w| + 0.01.",
         recorded=True,
     )
     swa_start: int = _option(

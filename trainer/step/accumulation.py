@@ -53,14 +53,17 @@ class Gradients(Stage):
         return f"gradients (accumulate_steps={k})" if k > 1 else "gradients"
 
     def __call__(self, state: StepState) -> None:
+        state.gradients, state.losses = self.compute(state.batch)
+
+    def compute(self, batch: Any) -> tuple[list[Any], list[tf.Tensor]]:
+        """The gradients (loss-scaled, if so) and the loss breakdown of `batch` at the
+        variables' current values; `SharpnessAware` calls it again at the perturbed weights."""
         if self.accumulate_steps > 1:
-            state.gradients, state.losses = self._accumulate(state.batch)
-            return
+            return self._accumulate(batch)
         with tf.GradientTape() as tape:
-            losses = self.compute_losses(*state.batch)
+            losses = self.compute_losses(*batch)
             loss = self.optimizer.scale_loss(losses[0]) if self.loss_scaled else losses[0]
-        state.gradients = tape.gradient(loss, self.variables, upstream_after(losses[2:]))
-        state.losses = losses
+        return tape.gradient(loss, self.variables, upstream_after(losses[2:])), losses
 
     def _accumulate(self, batch: Any) -> tuple[list[Any], list[tf.Tensor]]:
         """Gradients summed over the micro-batches, and the whole batch's loss breakdown."""

@@ -5,7 +5,9 @@ One optimizer step on one replica, in this order (`build_chain`):
 1. loss terms and gradients  `Gradients`: data loss (averaged over the global batch) + each
                              penalty's `loss()` + the model's Keras regularizer losses, over
                              `accumulate_steps` micro-batches; penalties count once per step
-2. gradient transforms       `Clipping`: the global norm over all replicas (`clip_global_norm`)
+2. gradient transforms       `SharpnessAware`: the gradients again at w + ε, weights restored
+                             (SAM/ASAM, `sam_rho`, `sam_adaptive`); `Clipping`: the global
+                             norm over all replicas (`clip_global_norm`)
 3. before the update         `PenaltyUpdates`: each penalty's `update()` (decoupled weight decay)
 4. the update                `OptimizerUpdate`: `optimizer.apply_gradients` (Keras constraints
                              on the model's variables are applied there, as in `fit`)
@@ -31,6 +33,7 @@ from trainer.step.clipping import Clipping
 from trainer.step.decay import PenaltyUpdates
 from trainer.step.ema import ExponentialAverage
 from trainer.step.projection import Projections
+from trainer.step.sam import SharpnessAware
 from trainer.step.stage import PHASES, Stage, StepState
 from trainer.step.update import OptimizerUpdate
 
@@ -123,8 +126,11 @@ def build_chain(
     before = [(p, v) for p, v in selections if p.has_update]
     after = [(p, v) for p, v in selections if p.has_project]
     ema = options.ema_decay
+    gradients = Gradients(compute_losses, optimizer, variables, options.accumulate_steps)
+    rho = options.sam_rho
     stages = [
-        Gradients(compute_losses, optimizer, variables, options.accumulate_steps),
+        gradients,
+        SharpnessAware(gradients, rho, options.sam_adaptive) if rho else None,
         Clipping(options.clip_global_norm, optimizer) if options.clip_global_norm else None,
         PenaltyUpdates(before, optimizer) if before else None,
         OptimizerUpdate(optimizer, variables, record_iterations=bool(after or ema)),
@@ -143,6 +149,9 @@ def techniques_line(options: Any) -> str:
             f"lr_schedule={o.lr_schedule} (warmup {o.warmup_steps} steps to "
             f"{o.learning_rate:g}, {o.end_learning_rate:g} at step {o.train_steps})"
         )
+    if o.sam_rho:
+        name = "asam" if o.sam_adaptive else "sam"
+        parts.append(f"{name}_rho={o.sam_rho:g} (two gradient passes per step)")
     if o.clip_global_norm:
         parts.append(f"clip_global_norm={o.clip_global_norm:g}")
     if o.accumulate_steps > 1:
