@@ -361,6 +361,7 @@ TECHNIQUES = (
     ("tech_clip", {"clip_global_norm": 1.0}),
     ("tech_accumulate_2", {"accumulate_steps": 2}),
     ("tech_ema", {"ema_decay": 0.99}),
+    ("tech_swa", {"swa_every": 10}),
 )
 # The diagnostic hand loops: hand_loop_100 plus tapeloop's extra work, each row adding its
 # `HandLoop` extra to the previous row's.

@@ -150,7 +150,7 @@ class SnapshotsTest(SwaTestCase):
     def test_describe_and_techniques_name_the_schedule(self):
         table = self.task.penalty_table()
         self.assertIn("swa from step 3 every 4 (BN recalibrated over 3 batches)", table)
-        self.assertIn("swa_every=4 after step 3", table)
+        self.assertIn("swa_every=4 after step 3 (evaluation and export use the average", table)
 
 
 class SkippedStepTest(SwaTestCase):

@@ -176,6 +176,6 @@ def techniques_line(options: Any) -> str:
     if o.swa_every:
         parts.append(
             f"swa_every={o.swa_every} after step {o.swa_start} (evaluation and export use the "
-            f"average; BatchNorm statistics recomputed over {o.swa_bn_batches} batches)"
+            f"average; BatchNorm statistics, if any, recomputed over {o.swa_bn_batches} batches)"
         )
     return "\ntechniques: " + ", ".join(parts) if parts else ""

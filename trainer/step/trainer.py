@@ -388,7 +388,8 @@ class Trainer(Hooks):
 
     def evaluate(self, dataset: tf.data.Dataset | None = None) -> dict[str, float]:
         """Data loss (mean per example) and metrics over `dataset` (default `eval_dataset()`),
-        whose batches go through `preprocess`, with the EMA weights under `ema_decay`."""
+        whose batches go through `preprocess`, with the evaluated weights (`evaluated_weights`:
+        the EMA under `ema_decay`, the SWA average under `swa_every`)."""
         built = self.built
         dataset = dataset if dataset is not None else self.eval_dataset()
         if dataset is None:
@@ -396,7 +397,7 @@ class Trainer(Hooks):
         for metric in built.metrics.values():
             metric.reset_state()
         total = tf.zeros([2])
-        with self.evaluated_weights():  # the EMA of the weights, with ema_decay
+        with self.evaluated_weights():  # the EMA or SWA average, when on
             for batch in dataset:
                 total += built.eval_step(batch)
         loss_sum, count = total.numpy()
