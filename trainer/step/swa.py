@@ -10,6 +10,7 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from trainer.errors import ConfigError
 from trainer.optimizers import is_loss_scaled
@@ -145,13 +146,15 @@ class StochasticWeightAverage(Stage):
         weights: the batch mean and Keras' biased batch variance, each averaged with equal
         weight per batch (`torch.optim.swa_utils.update_bn` with momentum=None). Nothing
         is read or changed without such a layer. Returns the batches used (fewer when the
-        data has fewer).
+        data has fewer; with none, the statistics are left as they were, with a warning).
 
         The forward passes update other state as training would (a dropout's seed, say):
         `evaluated()` puts it back.
         """
         if not self.norms:
             return 0
+        moving = [v for layer in self.norms for v in (layer.moving_mean, layer.moving_variance)]
+        before = [v.numpy() for v in moving]
         momenta = [layer.momentum for layer in self.norms]
         sums: list[np.ndarray] | None = None
         count = 0
@@ -167,10 +170,13 @@ class StochasticWeightAverage(Stage):
         finally:
             for layer, momentum in zip(self.norms, momenta, strict=True):
                 layer.momentum = momentum
-        if sums is not None:
-            moving = [v for layer in self.norms for v in (layer.moving_mean, layer.moving_variance)]
-            for variable, total in zip(moving, sums, strict=True):
-                variable.assign((total / count).astype(variable.dtype))
+        if sums is None:
+            logging.warning("SWA: the training data has no batch; BatchNorm keeps its statistics.")
+            recalibrated = before
+        else:
+            recalibrated = [(total / count).astype(v.dtype) for v, total in zip(moving, sums)]
+        for variable, value in zip(moving, recalibrated, strict=True):
+            variable.assign(value)
         return count
 
     def _statistics(self, features: Any) -> list[tf.Tensor]:
