@@ -363,6 +363,7 @@ TECHNIQUES = (
     ("tech_ema", {"ema_decay": 0.99}),
     ("tech_sam", {"sam_rho": 0.05}),
     ("tech_asam", {"sam_rho": 0.5, "sam_adaptive": True}),
+    ("tech_swa", {"swa_every": 10}),
 )
 # The diagnostic hand loops: hand_loop_100 plus tapeloop's extra work, each row adding its
 # `HandLoop` extra to the previous row's.

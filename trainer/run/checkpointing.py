@@ -26,7 +26,11 @@ METADATA = "tapeloop.json"
 STATE_FILE = "checkpoint"  # the text proto `tf.train.get_checkpoint_state` reads
 
 # State an option keeps only while it is on: a checkpoint may lack it, or hold it unused.
-STATE_OPTIONS = {"ema_variables": "ema_decay"}
+STATE_OPTIONS = {
+    "ema_variables": "ema_decay",
+    "swa_variables": "swa_every",
+    "swa_models": "swa_every",
+}
 # Options that give the optimizer's state another form (mixed_float16 adds a loss scale's).
 OPTIMIZER_OPTIONS = ("mixed_precision",)
 # What every checkpoint of a run holds.

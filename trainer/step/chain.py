@@ -12,7 +12,8 @@ One optimizer step on one replica, in this order (`build_chain`):
 4. the update                `OptimizerUpdate`: `optimizer.apply_gradients` (Keras constraints
                              on the model's variables are applied there, as in `fit`)
 5. after the update          `Projections`: each penalty's `project()` (max_norm, ...); then
-                             `ExponentialAverage`: the EMA of the weights (`ema_decay`)
+                             `ExponentialAverage`: the EMA of the weights (`ema_decay`), or
+                             `StochasticWeightAverage`: SWA (`swa_every`, `swa_start`)
 
 A stage that is off is not in the chain, so it adds no op to the compiled step. A step that a
 `LossScaleOptimizer` skips (non-finite gradients) skips stages 3 to 5.
@@ -21,7 +22,7 @@ A stage that is off is not in the chain, so it adds no op to the compiled step. 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import keras
@@ -35,6 +36,7 @@ from trainer.step.ema import ExponentialAverage
 from trainer.step.projection import Projections
 from trainer.step.sam import SharpnessAware
 from trainer.step.stage import PHASES, Stage, StepState
+from trainer.step.swa import StochasticWeightAverage
 from trainer.step.update import OptimizerUpdate
 
 
@@ -113,6 +115,9 @@ def build_chain(
     variables: Sequence[Any],
     compute_losses: Callable[..., list[tf.Tensor]],
     selections: Sequence[tuple[Any, list[Any]]],
+    *,
+    model: keras.Model | None = None,
+    train_batches: Callable[[], Iterable[Any]] | None = None,
 ) -> Chain:
     """The step's stages in the framework's order, those that are on.
 
@@ -122,20 +127,36 @@ def build_chain(
       variables: the trainable variables, in the gradients' order.
       compute_losses: `(features, labels) -> [total, data loss, *terms]` under a tape.
       selections: `(penalty, selected variables)` pairs, in the penalties' order.
+      model: the model (SWA recalibrates its BatchNorm statistics); needed with `swa_every`.
+      train_batches: returns the training batches as the step takes them (preprocessed),
+        from the first (SWA's recalibration); needed with `swa_every`.
     """
     before = [(p, v) for p, v in selections if p.has_update]
     after = [(p, v) for p, v in selections if p.has_project]
     ema = options.ema_decay
     gradients = Gradients(compute_losses, optimizer, variables, options.accumulate_steps)
     rho = options.sam_rho
+    swa = None
+    if options.swa_every:
+        swa = StochasticWeightAverage(
+            options.swa_start,
+            options.swa_every,
+            optimizer,
+            variables,
+            model=model,
+            batches=train_batches,
+            bn_batches=options.swa_bn_batches,
+            use_tf_function=options.use_tf_function,
+        )
     stages = [
         gradients,
         SharpnessAware(gradients, rho, options.sam_adaptive) if rho else None,
         Clipping(options.clip_global_norm, optimizer) if options.clip_global_norm else None,
         PenaltyUpdates(before, optimizer) if before else None,
-        OptimizerUpdate(optimizer, variables, record_iterations=bool(after or ema)),
+        OptimizerUpdate(optimizer, variables, record_iterations=bool(after or ema or swa)),
         Projections(after, optimizer) if after else None,
         ExponentialAverage(ema, optimizer, variables) if ema else None,
+        swa,
     ]
     return Chain([s for s in stages if s is not None])
 
@@ -161,4 +182,9 @@ def techniques_line(options: Any) -> str:
         )
     if o.ema_decay:
         parts.append(f"ema_decay={o.ema_decay:g} (evaluation and export use the EMA)")
+    if o.swa_every:
+        parts.append(
+            f"swa_every={o.swa_every} after step {o.swa_start} (evaluation and export use the "
+            f"average; BatchNorm statistics, if any, recomputed over {o.swa_bn_batches} batches)"
+        )
     return "\ntechniques: " + ", ".join(parts) if parts else ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import keras
@@ -232,7 +232,15 @@ class Trainer(Hooks):
             optimizer = with_loss_scale(self.build_optimizer(), opts.mixed_precision)
             check_optimizer(optimizer, opts, type(self).__name__)
             optimizer.build(trainable)  # before the first step: needed under strategies
-            chain = build_chain(opts, optimizer, trainable, self.compute_losses, selections)
+            chain = build_chain(
+                opts,
+                optimizer,
+                trainable,
+                self.compute_losses,
+                selections,
+                model=model,
+                train_batches=self._preprocessed_train_batches,
+            )
             step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         covered = coverage(selections, optimizer, trainable)  # checks decays
         loss_penalties = [(p, v) for p, v in selections if p.has_loss]
@@ -265,6 +273,13 @@ class Trainer(Hooks):
             self.strategy.num_replicas_in_sync,
             self.penalty_table(),
         )
+
+    def _preprocessed_train_batches(self) -> Iterator[Any]:
+        """The training batches as the step takes them (`preprocess`ed, unaugmented), from a
+        new `train_dataset()`: its first batches, whatever the training has reached (SWA's
+        BatchNorm recalibration; training's own input is not touched)."""
+        for batch in self.train_dataset():
+            yield self.preprocess(*batch)
 
     @property
     def train_loop(self) -> TrainLoop:
@@ -329,7 +344,8 @@ class Trainer(Hooks):
 
     def evaluated_weights(self) -> contextlib.AbstractContextManager:
         """A context within which the model holds the weights evaluated and exported: the
-        EMA's with `ema_decay`, else the trained ones; these are put back after."""
+        EMA's with `ema_decay`, SWA's (BatchNorm recalibrated) with `swa_every`, else the
+        trained ones; these are put back after."""
         return self.built.chain.evaluated()
 
     # ---- the step ----------------------------------------------------------------------
@@ -372,7 +388,8 @@ class Trainer(Hooks):
 
     def evaluate(self, dataset: tf.data.Dataset | None = None) -> dict[str, float]:
         """Data loss (mean per example) and metrics over `dataset` (default `eval_dataset()`),
-        whose batches go through `preprocess`, with the EMA weights under `ema_decay`."""
+        whose batches go through `preprocess`, with the evaluated weights (`evaluated_weights`:
+        the EMA under `ema_decay`, the SWA average under `swa_every`)."""
         built = self.built
         dataset = dataset if dataset is not None else self.eval_dataset()
         if dataset is None:
@@ -380,7 +397,7 @@ class Trainer(Hooks):
         for metric in built.metrics.values():
             metric.reset_state()
         total = tf.zeros([2])
-        with self.evaluated_weights():  # the EMA of the weights, with ema_decay
+        with self.evaluated_weights():  # the EMA or SWA average, when on
             for batch in dataset:
                 total += built.eval_step(batch)
         loss_sum, count = total.numpy()
