@@ -6,9 +6,12 @@ One optimizer step on one replica, in this order (`build_chain`):
                              penalty's `loss()` + the model's Keras regularizer losses, over
                              `accumulate_steps` micro-batches; penalties count once per step
 2. gradient transforms       `Clipping`: the global norm over all replicas (`clip_global_norm`)
-3. before the update         `PenaltyUpdates`: each penalty's `update()` (decoupled weight decay)
+3. before the update         `GroupSnapshot`: the parameter groups' weights, read; then
+                             `PenaltyUpdates`: each penalty's `update()` (decoupled weight decay)
 4. the update                `OptimizerUpdate`: `optimizer.apply_gradients` (Keras constraints
-                             on the model's variables are applied there, as in `fit`)
+                             on the model's variables are applied there, as in `fit`); then
+                             `GroupScaling`: each group's move since the snapshot times its
+                             multiplier (`lr_multiplier`), or undone (`freeze`)
 5. after the update          `Projections`: each penalty's `project()` (max_norm, ...); then
                              `ExponentialAverage`: the EMA of the weights (`ema_decay`)
 
@@ -30,6 +33,7 @@ from trainer.step.accumulation import Gradients
 from trainer.step.clipping import Clipping
 from trainer.step.decay import PenaltyUpdates
 from trainer.step.ema import ExponentialAverage
+from trainer.step.groups import GroupScaling, GroupSnapshot
 from trainer.step.projection import Projections
 from trainer.step.stage import PHASES, Stage, StepState
 from trainer.step.update import OptimizerUpdate
@@ -110,6 +114,7 @@ def build_chain(
     variables: Sequence[Any],
     compute_losses: Callable[..., list[tf.Tensor]],
     selections: Sequence[tuple[Any, list[Any]]],
+    groups: Sequence[tuple[Any, list[Any]]] = (),
 ) -> Chain:
     """The step's stages in the framework's order, those that are on.
 
@@ -119,6 +124,7 @@ def build_chain(
       variables: the trainable variables, in the gradients' order.
       compute_losses: `(features, labels) -> [total, data loss, *terms]` under a tape.
       selections: `(penalty, selected variables)` pairs, in the penalties' order.
+      groups: `(parameter group, selected variables)` pairs (`groups.resolve_groups`).
     """
     before = [(p, v) for p, v in selections if p.has_update]
     after = [(p, v) for p, v in selections if p.has_project]
@@ -126,8 +132,10 @@ def build_chain(
     stages = [
         Gradients(compute_losses, optimizer, variables, options.accumulate_steps),
         Clipping(options.clip_global_norm, optimizer) if options.clip_global_norm else None,
+        GroupSnapshot(groups) if groups else None,
         PenaltyUpdates(before, optimizer) if before else None,
         OptimizerUpdate(optimizer, variables, record_iterations=bool(after or ema)),
+        GroupScaling(groups) if groups else None,
         Projections(after, optimizer) if after else None,
         ExponentialAverage(ema, optimizer, variables) if ema else None,
     ]
