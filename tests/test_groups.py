@@ -2,6 +2,8 @@
 per group, frozen weights bit for bit, the decay's scaling, errors, the CLI, replicas, skipped
 steps, resume and the coverage table."""
 
+import json
+import os
 import re
 
 import keras
@@ -183,7 +185,8 @@ class DistributedAndResumeTest(GroupsTestBase):
         self.assertGreater(relative_diff(one.model.get_weights()[0], self.init[0]), 1e-4)
 
     def test_resume_is_bit_identical(self):
-        """deterministic=True: 4 steps, then resumed to 8 ≡ 8 steps straight, bit for bit."""
+        """deterministic=True: 4 steps, then resumed to 8 ≡ 8 steps straight, bit for bit;
+        `tapeloop.json` records the groups as written."""
         make = lambda: keras.optimizers.Adam(0.01)  # noqa: E731
 
         def run(model_dir, steps):
@@ -195,6 +198,9 @@ class DistributedAndResumeTest(GroupsTestBase):
         straight = run(self.create_tempdir().full_path, 8)
         model_dir = self.create_tempdir().full_path
         run(model_dir, 4)
+        with open(os.path.join(model_dir, "tapeloop.json")) as f:
+            recorded = json.load(f)["settings"]["param_groups"]
+        self.assertEqual(recorded, [repr(g) for g in self.GROUPS()])
         resumed = run(model_dir, 8)
         for a, b in zip(resumed, straight):
             self.assertAllEqual(a, b)
