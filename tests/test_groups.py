@@ -17,6 +17,7 @@ from trainer import (
     ConfigError,
     DecoupledWeightDecay,
     Freeze,
+    LayerwiseLrDecay,
     LrMultiplier,
     MaxNorm,
     TrainerOptions,
@@ -75,23 +76,23 @@ class GroupsTestBase(parameterized.TestCase, tf.test.TestCase):
         task.model.set_weights(self.init)
         return task
 
-    def reference(self, make_optimizer, lr, multiplied, scale_gradients=False):
+    def reference(self, make_optimizer, lr, multiplied, scale_gradients=False, m=M):
         """A hand-written GradientTape loop: the `multiplied` variables (indices) by their
-        own optimizer at M·lr, the others by one at lr. With `scale_gradients`, the wrong
-        variant: one optimizer at lr, the multiplied variables' gradients times M."""
+        own optimizer at m·lr, the others by one at lr. With `scale_gradients`, the wrong
+        variant: one optimizer at lr, the multiplied variables' gradients times m."""
         model = mlp()
         model.set_weights(self.init)
         variables = model.trainable_variables
         ours = [v for i, v in enumerate(variables) if i in multiplied]
         others = [v for i, v in enumerate(variables) if i not in multiplied]
-        rest, group = make_optimizer(lr), make_optimizer(lr if scale_gradients else M * lr)
+        rest, group = make_optimizer(lr), make_optimizer(lr if scale_gradients else m * lr)
         for step in range(STEPS):
             start = step * BATCH % len(self.x)
             x, y = self.x[start : start + BATCH], self.y[start : start + BATCH]
             with tf.GradientTape() as tape:
                 loss = tf.reduce_mean(tf.square(y - model(x, training=True)))
             gradients = dict(zip(map(id, variables), tape.gradient(loss, variables)))
-            factor = M if scale_gradients else 1.0
+            factor = m if scale_gradients else 1.0
             rest.apply_gradients([(gradients[id(v)], v) for v in others])
             group.apply_gradients([(factor * gradients[id(v)], v) for v in ours])
         return model.get_weights()
@@ -114,6 +115,21 @@ class LrMultiplierTest(GroupsTestBase):
         if name == "adam":
             wrong = self.reference(make_optimizer, lr, multiplied={0, 1}, scale_gradients=True)
             self.assertGreater(relative_diff(wrong[0], expected[0]), 1e-3)
+
+    def test_layerwise_lr_decay_equals_one_optimizer_per_layer(self):
+        """`layerwise_lr_decay(0.5)` on the 2-layer MLP ≡ Adam at 0.5·lr on the hidden layer
+        and lr on the output layer, ≤ 1e-6 relative; the table shows each layer's rate."""
+        task = self.task(lambda: keras.optimizers.Adam(0.01), [LayerwiseLrDecay(0.5)])
+        task.train()
+        expected = self.reference(lambda lr: keras.optimizers.Adam(lr), 0.01, {0, 1}, m=0.5)
+        for a, b in zip(task.model.get_weights(), expected):
+            self.assertLess(relative_diff(a, b), 1e-6)
+        rows = {line.split()[0]: line for line in task.penalty_table().splitlines()}
+        self.assertTrue(rows["net/hidden/bias"].endswith("lr×0.5"))
+        self.assertTrue(rows["net/out/kernel"].endswith("lr×1"))
+        self.assertIn("lr×0.5^depth (4 variables)", task.penalty_table())
+        with self.assertRaisesRegex(ConfigError, r"`rate` \(1.5\) must be in \(0, 1\]"):
+            LayerwiseLrDecay(1.5)
 
     def test_with_decoupled_decay_the_group_decays_by_m_lr_rate(self):
         """No gradient (a zero loss), SGD(lr), decoupled decay `rate` on the kernels: the
@@ -233,6 +249,8 @@ class ConfigTest(GroupsTestBase, CliTestCase):
         group = parse_param_group_spec("lr_multiplier(0.5, include='dense/', exclude='bias')")
         self.assertEqual(repr(group), "LrMultiplier(0.5, include='dense/', exclude='bias')")
         self.assertEqual(repr(parse_param_group_spec("freeze")), "Freeze()")
+        group = parse_param_group_spec("layerwise_lr_decay(0.8, exclude='bias')")
+        self.assertEqual(repr(group), "LayerwiseLrDecay(0.8, exclude='bias')")
         for spec, fragment in (
             ("nope(1)", "Unknown parameter group 'nope'"),
             ("freeze(1)", "freeze takes freeze(*, include=None, exclude=None)"),

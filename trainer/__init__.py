@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, `__getattr__`
     )
     from trainer.run.callbacks import Callback
     from trainer.run.controller import Controller, Preempted, TrainResult
-    from trainer.step.groups import Freeze, LrMultiplier, ParamGroup
+    from trainer.step.groups import Freeze, LayerwiseLrDecay, LrMultiplier, ParamGroup
     from trainer.step.loop import TrainLoop
     from trainer.step.trainer import Trainer
 
@@ -78,7 +78,7 @@ _MODULES = {
     ),
     "trainer.run.callbacks": ("Callback",),
     "trainer.run.controller": ("Controller", "Preempted", "TrainResult"),
-    "trainer.step.groups": ("Freeze", "LrMultiplier", "ParamGroup"),
+    "trainer.step.groups": ("Freeze", "LayerwiseLrDecay", "LrMultiplier", "ParamGroup"),
     "trainer.step.loop": ("TrainLoop",),
     "trainer.step.trainer": ("Trainer",),
 }
@@ -90,6 +90,7 @@ __all__ = [
     "Controller",
     "DecoupledWeightDecay",
     "Freeze",
+    "LayerwiseLrDecay",
     "LrMultiplier",
     "MaxNorm",
     "NonNeg",

@@ -1,4 +1,5 @@
-"""Parameter groups: per-group learning-rate multipliers (`LrMultiplier`) and freezing (`Freeze`).
+"""Parameter groups: per-group learning-rate multipliers (`LrMultiplier`, `LayerwiseLrDecay`)
+and freezing (`Freeze`).
 
 A parameter group changes how far the optimizer's step moves the variables it selects; it is
 not a penalty (it adds no loss, decays nothing). Two stages carry it out on the open step:
@@ -36,7 +37,8 @@ from trainer.step.stage import Stage, StepState
 
 class ParamGroup:
     """Base class of parameter groups: a selection of trainable variables whose optimizer
-    update is rescaled by `multiplier` (0 for frozen) after `apply_gradients`.
+    update is rescaled by `multiplier` (0 for frozen) after `apply_gradients`; a subclass
+    sets `multiplier`, or overrides `multipliers` for one per variable.
 
     Selection is a penalty's (`Penalty`): `include` and `exclude` are regexes searched in
     `variable.path`, or predicates; without `include` every trainable variable is selected;
@@ -59,8 +61,12 @@ class ParamGroup:
 
     @property
     def label(self) -> str:
-        """What the coverage table shows for each selected variable (`lr×0.1`, `frozen`)."""
-        return f"lr×{self.multiplier:g}"
+        """What the step line shows for this group (`lr×0.1`, `frozen`)."""
+        return multiplier_label(self.multiplier)
+
+    def multipliers(self, variables: Sequence[Any]) -> list[float]:
+        """The multiplier of each of the selected `variables`: `multiplier` for all here."""
+        return [self.multiplier] * len(variables)
 
     def select(self, variables: Sequence[Any]) -> list[Any]:
         """This group's variables among the trainable `variables`, in their order.
@@ -140,6 +146,57 @@ class Freeze(ParamGroup):
         return "frozen"
 
 
+@register_param_group("layerwise_lr_decay")
+class LayerwiseLrDecay(ParamGroup):
+    """Layer-wise learning-rate decay: the last layer trains at lr, each layer below it at
+    `rate` times the rate of the layer above (`lr·rate^depth`, depth 0 for the last layer),
+    as in ELECTRA (Clark et al. 2020) and BEiT fine-tuning.
+
+    The layers and their order are the model's, as its trainable variables list them (Keras
+    lists them layer by layer, in the order the layers were created): a variable's layer is
+    its path without the last component (`net/block1/proj` for `net/block1/proj/kernel`),
+    so each innermost layer counts once. Each variable's update is scaled as by
+    `LrMultiplier` (see there).
+
+    Args:
+      rate: the decay per layer, in (0, 1].
+      include: regex or predicate choosing variables (the layers counted); None for all.
+      exclude: regex or predicate removing variables from the selection.
+
+    Raises:
+      ConfigError: `rate` is not in (0, 1], or a layer's `rate^depth` is below float32's
+        smallest normal number (when resolved).
+    """
+
+    def __init__(self, rate: float, *, include: Selector = None, exclude: Selector = None):
+        super().__init__(include=include, exclude=exclude)
+        rate = check_positive("rate", rate)
+        if rate > 1:
+            raise ConfigError(f"`rate` ({rate!r}) must be in (0, 1]: the decay per layer.")
+        self.rate = rate
+
+    @property
+    def label(self) -> str:
+        return f"lr×{self.rate:g}^depth"
+
+    def multipliers(self, variables: Sequence[Any]) -> list[float]:
+        layers = [variable_path(v).rpartition("/")[0] for v in variables]
+        order = list(dict.fromkeys(layers))
+        depth = {layer: len(order) - 1 - i for i, layer in enumerate(order)}
+        return [
+            check_float32(f"{self!r}: rate**{depth[layer]}", self.rate ** depth[layer])
+            for layer in layers
+        ]
+
+    def params(self) -> dict[str, Any]:
+        return {"rate": self.rate}
+
+
+def multiplier_label(multiplier: float) -> str:
+    """`lr×0.1`, or `frozen` for 0: a variable's entry in the coverage table."""
+    return "frozen" if multiplier == 0 else f"lr×{multiplier:g}"
+
+
 def resolve_groups(
     groups: Sequence[ParamGroup],
     variables: Sequence[Any],
@@ -169,12 +226,13 @@ def resolve_groups(
                     f"{group!r}; exclude it from one of them."
                 )
         resolved.append((group, chosen))
+    frozen = {id(v) for g, vs in resolved for v, m in zip(vs, g.multipliers(vs)) if m == 0}
     for penalty, selected in selections:
         if not getattr(penalty, "has_project", False):
             continue
         for v in selected:
             group = owner.get(id(v))
-            if group is not None and group.multiplier == 0:
+            if id(v) in frozen:
                 raise ConfigError(
                     f"{variable_path(v)!r} is frozen by {group!r} and projected by {penalty!r} "
                     "after the update; exclude it from one of them."
@@ -183,8 +241,26 @@ def resolve_groups(
 
 
 def group_coverage(groups: Sequence[tuple[ParamGroup, Sequence[Any]]]) -> list[Coverage]:
-    """The groups as coverage-table entries: `lr×0.1` or `frozen` on each selected variable."""
-    return [Coverage(g.label, f"{g!r}, on the optimizer's update", vs) for g, vs in groups]
+    """The groups as coverage-table entries: `lr×0.1` or `frozen` on each selected variable,
+    one entry per distinct multiplier of a group."""
+    entries = []
+    for group, variables in groups:
+        by_label: dict[str, list[Any]] = {}
+        for v, m in zip(variables, group.multipliers(variables), strict=True):
+            by_label.setdefault(multiplier_label(m), []).append(v)
+        entries += [
+            Coverage(label, f"{group!r}, on the optimizer's update", vs)
+            for label, vs in by_label.items()
+        ]
+    return entries
+
+
+def scaled_variables(
+    groups: Sequence[tuple[ParamGroup, Sequence[Any]]],
+) -> list[tuple[Any, float]]:
+    """`(variable, multiplier)` for every grouped variable whose multiplier is not 1."""
+    pairs = [(v, m) for g, vs in groups for v, m in zip(vs, g.multipliers(vs), strict=True)]
+    return [(v, m) for v, m in pairs if m != 1]
 
 
 class GroupSnapshot(Stage):
@@ -197,7 +273,7 @@ class GroupSnapshot(Stage):
     phase = "before_update"
 
     def __init__(self, groups: Sequence[tuple[ParamGroup, Sequence[Any]]]):
-        self.variables = [v for _, vs in groups for v in vs]
+        self.variables = [v for v, _ in scaled_variables(groups)]
 
     def __call__(self, state: StepState) -> None:
         state.snapshot = [tf.identity(v.value) for v in self.variables]
@@ -218,6 +294,7 @@ class GroupScaling(Stage):
 
     def __init__(self, groups: Sequence[tuple[ParamGroup, Sequence[Any]]]):
         self.groups = [(g, list(vs)) for g, vs in groups]
+        self.scaled = scaled_variables(groups)
 
     def describe(self) -> str:
         return ", ".join(f"{g.label} ({len(vs)} variables)" for g, vs in self.groups)
@@ -226,12 +303,10 @@ class GroupScaling(Stage):
         tf.distribute.get_replica_context().merge_call(self._merged, args=(state.snapshot,))
 
     def _merged(self, strategy: tf.distribute.Strategy, snapshot: Sequence[Any]) -> None:
-        before = iter([strategy.experimental_local_results(s)[0] for s in snapshot])
-        for group, variables in self.groups:
-            for v in variables:
-                w_before = next(before)
-                if group.multiplier == 0:
-                    v.assign(w_before)
-                else:
-                    m = tf.constant(group.multiplier, w_before.dtype)
-                    v.assign(w_before + m * (v.value - w_before))
+        before = [strategy.experimental_local_results(s)[0] for s in snapshot]
+        for (v, multiplier), w_before in zip(self.scaled, before, strict=True):
+            if multiplier == 0:
+                v.assign(w_before)  # bit for bit, whatever the move
+            else:
+                m = tf.constant(multiplier, w_before.dtype)
+                v.assign(w_before + m * (v.value - w_before))
