@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 from workloads import LEARNING_RATE, ArraysBenchTask, BenchTask, Workload, hand_setup, new_optimizer
 
-from trainer import L2, DecoupledWeightDecay, SelectiveL2, TrainerOptions
+from trainer import L2, DecoupledWeightDecay, Freeze, LrMultiplier, SelectiveL2, TrainerOptions
 
 MATMUL_N = 2048
 
@@ -259,8 +259,10 @@ class Tapeloop(Variant):
         group="main",
         loop_only=False,
         task=BenchTask,
+        param_groups=list,
     ):
         super().__init__(name, workload)
+        self.param_group_factory = param_groups
         self.task = task
         self.in_graph_loop = True
         self.extra_options = {k: v for k, v in (options or {}).items() if k in option_fields()}
@@ -279,11 +281,18 @@ class Tapeloop(Variant):
             }
         )
         self.steps_per_call = min(options.steps_per_loop, self.workload.steps)
-        self.trainer = self.task(self.workload, options, penalties=self.penalty_factory())
+        self.trainer = self.task(
+            self.workload,
+            options,
+            penalties=self.penalty_factory(),
+            param_groups=self.param_group_factory(),
+        )
         self.model = self.trainer.model  # builds: model, optimizer, penalties
         self.note = ", ".join(f"{k}={v}" for k, v in self.extra_options.items()) or "defaults"
         if self.trainer.penalties:
             self.note = " + ".join(repr(p) for p in self.trainer.penalties)
+        if self.trainer.param_groups:
+            self.note = " + ".join(repr(g) for g in self.trainer.param_groups)
         if self.loop_only:
             self.note = "trainer.train_loop.run(n, iterator) only, no train()"
         if self.task is ArraysBenchTask:
@@ -365,6 +374,14 @@ TECHNIQUES = (
     ("tech_asam", {"sam_rho": 0.5, "sam_adaptive": True}),
     ("tech_swa", {"swa_every": 10}),
 )
+# The parameter-group variants (seed MLP): tapeloop_arrays with these groups (every variable
+# in one: the most work; paths by kind, as layer names vary within a process).
+GROUPS = (
+    (
+        "tech_param_groups",
+        lambda: [LrMultiplier(0.1, include="kernel"), Freeze(include="bias")],
+    ),
+)
 # The diagnostic hand loops: hand_loop_100 plus tapeloop's extra work, each row adding its
 # `HandLoop` extra to the previous row's.
 HAND_DIAGNOSTICS = (
@@ -408,6 +425,10 @@ def variants_for(w: Workload, diagnostics: bool) -> list[Variant]:
         variants += [
             Tapeloop(name, w, options=options, group="technique", task=ArraysBenchTask)
             for name, options in TECHNIQUES
+        ]
+        variants += [
+            Tapeloop(name, w, param_groups=make, group="technique", task=ArraysBenchTask)
+            for name, make in GROUPS
         ]
     if diagnostics and w.diagnostics and w.name != "cnn":
         variants += [

@@ -134,9 +134,9 @@ def hand_setup(workload: Workload) -> tuple[keras.Model, list, keras.optimizers.
 class BenchTask(Trainer):
     """A tapeloop task on a workload's model and data; per-example sparse cross-entropy."""
 
-    def __init__(self, workload: Workload, options: TrainerOptions, penalties=()):
+    def __init__(self, workload: Workload, options: TrainerOptions, penalties=(), param_groups=()):
         self.workload = workload
-        super().__init__(options, penalties=penalties)
+        super().__init__(options, penalties=penalties, param_groups=param_groups)
 
     def build_model(self) -> keras.Model:
         return self.workload.build_model()

@@ -13,10 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, `__getattr__` below
     from trainer.cli.registry import (
+        get_param_group,
         get_penalty,
         get_task,
+        param_group_names,
+        parse_param_group_spec,
         parse_penalty_spec,
         penalty_names,
+        register_param_group,
         register_penalty,
         register_task,
         task_names,
@@ -38,16 +42,21 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, `__getattr__`
     )
     from trainer.run.callbacks import Callback
     from trainer.run.controller import Controller, Preempted, TrainResult
+    from trainer.step.groups import Freeze, LayerwiseLrDecay, LrMultiplier, ParamGroup
     from trainer.step.loop import TrainLoop
     from trainer.step.trainer import Trainer
 
 # Each public name's module, in the order they are imported.
 _MODULES = {
     "trainer.cli.registry": (
+        "get_param_group",
         "get_penalty",
         "get_task",
+        "param_group_names",
+        "parse_param_group_spec",
         "parse_penalty_spec",
         "penalty_names",
+        "register_param_group",
         "register_penalty",
         "register_task",
         "task_names",
@@ -69,6 +78,7 @@ _MODULES = {
     ),
     "trainer.run.callbacks": ("Callback",),
     "trainer.run.controller": ("Controller", "Preempted", "TrainResult"),
+    "trainer.step.groups": ("Freeze", "LayerwiseLrDecay", "LrMultiplier", "ParamGroup"),
     "trainer.step.loop": ("TrainLoop",),
     "trainer.step.trainer": ("Trainer",),
 }
@@ -79,8 +89,12 @@ __all__ = [
     "ConfigError",
     "Controller",
     "DecoupledWeightDecay",
+    "Freeze",
+    "LayerwiseLrDecay",
+    "LrMultiplier",
     "MaxNorm",
     "NonNeg",
+    "ParamGroup",
     "Penalty",
     "Preempted",
     "SelectiveL2",
@@ -92,13 +106,17 @@ __all__ = [
     "TrainerOptions",
     "UnitNorm",
     "WarmupSchedule",
+    "get_param_group",
     "get_penalty",
     "get_task",
     "learning_rate_for",
     "make_optimizer",
+    "param_group_names",
+    "parse_param_group_spec",
     "parse_penalty_spec",
     "penalty_names",
     "read_to_memory",
+    "register_param_group",
     "register_penalty",
     "register_task",
     "task_names",

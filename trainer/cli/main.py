@@ -31,6 +31,13 @@ _PENALTY = flags.DEFINE_multi_string(
     "Penalty spec in Python-call syntax with literal arguments, e.g. "
     "\"selective_l2(1e-4, exclude='bias')\"; repeat the flag for several.",
 )
+_PARAM_GROUP = flags.DEFINE_multi_string(
+    "param_group",
+    [],
+    "Parameter group spec, e.g. \"lr_multiplier(0.1, include='dense/')\" (that group trains "
+    "at 0.1 times the learning rate) or \"freeze(include='embedding')\"; repeat the flag "
+    "for several.",
+)
 _IMPORT = flags.DEFINE_multi_string(
     "import",
     [],
@@ -162,7 +169,7 @@ def usage() -> str:
 
     absl's and TensorFlow's flags are left to `--helpfull`.
     """
-    command = [h.name for h in (_TASK, _PENALTY, _IMPORT, _DESCRIBE, _SWEEP)]
+    command = [h.name for h in (_TASK, _PENALTY, _PARAM_GROUP, _IMPORT, _DESCRIBE, _SWEEP)]
     sections = {"command": command, **option_sections()}
     parts = [_USAGE]
     for section, names in sections.items():
@@ -199,7 +206,9 @@ def build_trainer() -> Trainer:
     task = registry.get_task(_TASK.value)
     penalties = [registry.parse_penalty_spec(spec) for spec in _PENALTY.value]
     overrides = {name: flag.value for name, flag in _OPTION_FLAGS.items() if flag.value is not None}
-    return task(task.make_options(**overrides), penalties=penalties)
+    groups = [registry.parse_param_group_spec(spec) for spec in _PARAM_GROUP.value]
+    extra = {"param_groups": groups} if groups else {}  # a task's own __init__ may not take it
+    return task(task.make_options(**overrides), penalties=penalties, **extra)
 
 
 def describe(trainer: Trainer) -> None:

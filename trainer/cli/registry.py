@@ -1,4 +1,5 @@
-"""Name -> class registries for tasks and penalties, penalty spec parsing, plugin discovery."""
+"""Name -> class registries for tasks, penalties and parameter groups, spec parsing, plugin
+discovery."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ MAX_SPEC_DEPTH = 20
 
 _TASKS: dict[str, type] = {}
 _PENALTIES: dict[str, type] = {}
+_PARAM_GROUPS: dict[str, type] = {}
 
 
 def _register(table: dict[str, type], kind: str, name: str) -> Callable[[type], type]:
@@ -68,6 +70,18 @@ def register_penalty(name: str) -> Callable[[type], type]:
       A decorator that returns the class unchanged.
     """
     return _register(_PENALTIES, "penalty", name)
+
+
+def register_param_group(name: str) -> Callable[[type], type]:
+    """Class decorator: registers a `ParamGroup` subclass under `name` for `--param_group` specs.
+
+    Args:
+      name: the call name used in specs, e.g. `"freeze"` for `--param_group="freeze('emb')"`.
+
+    Returns:
+      A decorator that returns the class unchanged.
+    """
+    return _register(_PARAM_GROUPS, "param_group", name)
 
 
 def load_plugins(group: str) -> None:
@@ -137,6 +151,25 @@ def get_penalty(name: str) -> type:
     return _PENALTIES[name]
 
 
+def param_group_names() -> list[str]:
+    """The registered parameter group names, sorted."""
+    return sorted(_PARAM_GROUPS)
+
+
+def get_param_group(name: str) -> type:
+    """Returns the parameter group class registered as `name`.
+
+    Raises:
+      ConfigError: no parameter group has that name; the message lists the registered ones.
+    """
+    if name not in _PARAM_GROUPS:
+        raise ConfigError(
+            f"Unknown parameter group {name!r}; registered parameter groups: "
+            f"{', '.join(param_group_names())}."
+        )
+    return _PARAM_GROUPS[name]
+
+
 def _abbreviate(spec: str, width: int = 60) -> str:
     """`repr(spec)`, cut to about `width` characters with `...` where it is longer."""
     return repr(spec if len(spec) <= width else spec[: width - 3] + "...")
@@ -153,7 +186,7 @@ def _depth_exceeds(node: ast.AST, limit: int) -> bool:
     return False
 
 
-def _parse(spec: str) -> ast.expr:
+def _parse(spec: str, kind: str = "Penalty") -> ast.expr:
     """The expression of `spec`, within `MAX_SPEC_LENGTH` and `MAX_SPEC_DEPTH`.
 
     Raises:
@@ -161,34 +194,35 @@ def _parse(spec: str) -> ast.expr:
     """
     if len(spec) > MAX_SPEC_LENGTH:
         raise ConfigError(
-            f"Penalty spec {_abbreviate(spec)} is {len(spec)} characters long; "
+            f"{kind} spec {_abbreviate(spec)} is {len(spec)} characters long; "
             f"the limit is {MAX_SPEC_LENGTH} characters."
         )
     try:
         node = ast.parse(spec.strip(), mode="eval").body
     except SyntaxError as e:
         raise ConfigError(
-            f'Malformed penalty spec {spec!r}: expected a call like "l2(1e-4)" ({e.msg}).'
+            f"Malformed {kind.lower()} spec {spec!r}: expected a call like {_EXAMPLES[kind]} "
+            f"({e.msg})."
         ) from e
     except (RecursionError, MemoryError) as e:  # not seen within the length limit
         raise ConfigError(
-            f"Penalty spec {_abbreviate(spec)} is too complex to parse "
+            f"{kind} spec {_abbreviate(spec)} is too complex to parse "
             f"({type(e).__name__}); a spec is a call with literal arguments."
         ) from e
     if _depth_exceeds(node, MAX_SPEC_DEPTH):
         raise ConfigError(
-            f"Penalty spec {_abbreviate(spec)} nests deeper than the limit of "
+            f"{kind} spec {_abbreviate(spec)} nests deeper than the limit of "
             f"{MAX_SPEC_DEPTH} levels."
         )
     return node
 
 
-def _literal(spec: str, node: ast.AST) -> Any:
+def _literal(spec: str, node: ast.AST, kind: str = "Penalty") -> Any:
     try:
         return ast.literal_eval(node)
     except (ValueError, TypeError, MemoryError, RecursionError) as e:
         raise ConfigError(
-            f"Penalty spec {spec!r}: argument {ast.unparse(node)!r} is not a literal "
+            f"{kind} spec {spec!r}: argument {ast.unparse(node)!r} is not a literal "
             "(numbers, strings, booleans, None, lists and tuples only)."
         ) from e
 
@@ -235,26 +269,47 @@ def parse_penalty_spec(spec: str) -> Any:
         nested more than `MAX_SPEC_DEPTH` levels deep, names an unknown penalty, passes an
         argument the class does not take, or a value the class rejects.
     """
-    node = _parse(spec)
+    return _build_from_spec(spec, "Penalty", get_penalty)
+
+
+def parse_param_group_spec(spec: str) -> Any:
+    """Builds a parameter group from a spec in Python-call syntax, as `parse_penalty_spec`.
+
+    `"lr_multiplier(0.1, include='dense/')"` calls the class registered as `lr_multiplier`.
+
+    Raises:
+      ConfigError: as `parse_penalty_spec`, for parameter groups.
+    """
+    return _build_from_spec(spec, "Parameter group", get_param_group)
+
+
+# A spec of each kind, for the message of a malformed one.
+_EXAMPLES = {"Penalty": '"l2(1e-4)"', "Parameter group": "\"freeze(include='embedding')\""}
+
+
+def _build_from_spec(spec: str, kind: str, lookup: Callable[[str], type]) -> Any:
+    node = _parse(spec, kind)
     if isinstance(node, ast.Name):
         node = ast.Call(func=node, args=[], keywords=[])
     if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
-        raise ConfigError(f'Malformed penalty spec {spec!r}: expected a call like "l2(1e-4)".')
-    cls = get_penalty(node.func.id)
+        raise ConfigError(
+            f"Malformed {kind.lower()} spec {spec!r}: expected a call like {_EXAMPLES[kind]}."
+        )
+    cls = lookup(node.func.id)
     if any(kw.arg is None for kw in node.keywords) or any(
         isinstance(arg, ast.Starred) for arg in node.args
     ):
-        raise ConfigError(f"Penalty spec {spec!r}: * and ** arguments are not allowed.")
-    args = [_literal(spec, arg) for arg in node.args]
-    kwargs = {kw.arg: _literal(spec, kw.value) for kw in node.keywords}
+        raise ConfigError(f"{kind} spec {spec!r}: * and ** arguments are not allowed.")
+    args = [_literal(spec, arg, kind) for arg in node.args]
+    kwargs = {kw.arg: _literal(spec, kw.value, kind) for kw in node.keywords}
     signature = constructor_signature(cls)
     try:
         signature.bind(*args, **kwargs)
     except TypeError as e:
         raise ConfigError(
-            f"Penalty spec {spec!r}: {e}; {node.func.id} takes {node.func.id}{signature}."
+            f"{kind} spec {spec!r}: {e}; {node.func.id} takes {node.func.id}{signature}."
         ) from e
     try:
         return cls(*args, **kwargs)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"Penalty spec {spec!r}: {e}") from e
+        raise ConfigError(f"{kind} spec {spec!r}: {e}") from e

@@ -53,7 +53,7 @@ def _option_schema(hint: Any) -> Any:
 def _settings_schema() -> Record:
     """`resume.settings`' record: the optimizer's class and learning rate (a number, or a
     schedule's config as a string), each recorded option by its type, each penalty's
-    parameters (an object with its class)."""
+    parameters (an object with its class), the parameter groups (their `repr`s)."""
     hints = typing.get_type_hints(TrainerOptions)
     options = {name: _option_schema(hints[name]) for name in recorded_options()}
     return Record(
@@ -61,6 +61,7 @@ def _settings_schema() -> Record:
             "optimizer": str,
             "learning_rate": (int, float, str),
             "penalties": MapOf(Record({"class": str})),
+            "param_groups": ListOf(str),
             **{name: schema for name, schema in options.items() if schema is not None},
         }
     )

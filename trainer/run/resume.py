@@ -17,12 +17,14 @@ _RECORDED_OPTIONS = recorded_options()
 
 def settings(trainer: Runnable) -> dict[str, Any]:
     """What a resumed run is compared on: the optimizer's class and learning rate (or its
-    schedule), the recorded options, and each penalty's parameters by name."""
+    schedule), the recorded options, each penalty's parameters by name, and the parameter
+    groups (`lr_multiplier`, `freeze`) as written."""
     return {
         "optimizer": type(inner(trainer.optimizer)).__name__,
         "learning_rate": learning_rate_setting(trainer.optimizer),
         **{name: getattr(trainer.options, name) for name in _RECORDED_OPTIONS},
         "penalties": {p.name: _penalty(p) for p in trainer.penalties},
+        "param_groups": [repr(g) for g in getattr(trainer, "param_groups", ())],
     }
 
 
@@ -57,7 +59,7 @@ def changes(saved: Mapping[str, Any] | None, now: Mapping[str, Any]) -> list[str
         )
     lines = [
         f"{key}: {saved[key]} in the checkpointed run -> {now[key]} now"
-        for key in ("learning_rate", *_RECORDED_OPTIONS)
+        for key in ("learning_rate", *_RECORDED_OPTIONS, "param_groups")
         if key in saved and saved[key] != now[key]
     ]
     before, after = saved.get("penalties", {}), now["penalties"]

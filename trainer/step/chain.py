@@ -8,9 +8,12 @@ One optimizer step on one replica, in this order (`build_chain`):
 2. gradient transforms       `SharpnessAware`: the gradients again at w + ε, weights restored
                              (SAM/ASAM, `sam_rho`, `sam_adaptive`); `Clipping`: the global
                              norm over all replicas (`clip_global_norm`)
-3. before the update         `PenaltyUpdates`: each penalty's `update()` (decoupled weight decay)
+3. before the update         `GroupSnapshot`: the parameter groups' weights, read; then
+                             `PenaltyUpdates`: each penalty's `update()` (decoupled weight decay)
 4. the update                `OptimizerUpdate`: `optimizer.apply_gradients` (Keras constraints
-                             on the model's variables are applied there, as in `fit`)
+                             on the model's variables are applied there, as in `fit`); then
+                             `GroupScaling`: each group's move since the snapshot times its
+                             multiplier (`lr_multiplier`), or undone (`freeze`)
 5. after the update          `Projections`: each penalty's `project()` (max_norm, ...); then
                              `ExponentialAverage`: the EMA of the weights (`ema_decay`), or
                              `StochasticWeightAverage`: SWA (`swa_every`, `swa_start`)
@@ -33,6 +36,7 @@ from trainer.step.accumulation import Gradients
 from trainer.step.clipping import Clipping
 from trainer.step.decay import PenaltyUpdates
 from trainer.step.ema import ExponentialAverage
+from trainer.step.groups import GroupScaling, GroupSnapshot
 from trainer.step.projection import Projections
 from trainer.step.sam import SharpnessAware
 from trainer.step.stage import PHASES, Stage, StepState
@@ -118,6 +122,7 @@ def build_chain(
     *,
     model: keras.Model | None = None,
     train_batches: Callable[[], Iterable[Any]] | None = None,
+    groups: Sequence[tuple[Any, list[Any]]] = (),
 ) -> Chain:
     """The step's stages in the framework's order, those that are on.
 
@@ -130,6 +135,7 @@ def build_chain(
       model: the model (SWA recalibrates its BatchNorm statistics); needed with `swa_every`.
       train_batches: returns the training batches as the step takes them (preprocessed),
         from the first (SWA's recalibration); needed with `swa_every`.
+      groups: `(parameter group, selected variables)` pairs (`groups.resolve_groups`).
     """
     before = [(p, v) for p, v in selections if p.has_update]
     after = [(p, v) for p, v in selections if p.has_project]
@@ -152,8 +158,10 @@ def build_chain(
         gradients,
         SharpnessAware(gradients, rho, options.sam_adaptive) if rho else None,
         Clipping(options.clip_global_norm, optimizer) if options.clip_global_norm else None,
+        GroupSnapshot(groups) if groups else None,
         PenaltyUpdates(before, optimizer) if before else None,
         OptimizerUpdate(optimizer, variables, record_iterations=bool(after or ema or swa)),
+        GroupScaling(groups) if groups else None,
         Projections(after, optimizer) if after else None,
         ExponentialAverage(ema, optimizer, variables) if ema else None,
         swa,

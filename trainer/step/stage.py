@@ -24,12 +24,15 @@ class StepState:
         and transformed by the gradient stages.
       iterations_before: the optimizer's `iterations` read just before its update, when a
         stage after the update needs it (see `applied`); else None.
+      snapshot: the parameter groups' variables before the pre-update phase, set by
+        `groups.GroupSnapshot`; else None.
     """
 
     batch: Any
     losses: list[tf.Tensor] | None = None
     gradients: list[Any] | None = None
     iterations_before: tf.Tensor | None = None
+    snapshot: list[tf.Tensor] | None = None
 
     def applied(self, optimizer: keras.optimizers.Optimizer) -> tf.Tensor:
         """Whether the optimizer applied this step (a `LossScaleOptimizer` skips steps with

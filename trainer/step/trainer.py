@@ -22,6 +22,7 @@ from trainer.run.controller import Controller, TrainResult
 from trainer.run.hooks import Hooks
 from trainer.run.keras_callbacks import check_callbacks
 from trainer.step.chain import Chain, build_chain, techniques_line
+from trainer.step.groups import ParamGroup, group_coverage, resolve_groups
 from trainer.step.loop import TrainLoop
 
 
@@ -83,6 +84,8 @@ class Trainer(Hooks):
       strategy: a `tf.distribute.Strategy`; by default made from `options.strategy`.
       callbacks: `trainer.run.callbacks.Callback`s and `keras.callbacks.Callback`s, called
         in this order after the run's own (see `controller.Controller`).
+      param_groups: `ParamGroup`s (`LrMultiplier`, `Freeze`): per-group learning-rate
+        multipliers on the optimizer's update, and frozen variables.
 
     Raises:
       ConfigError: `penalties` holds something else than a `Penalty`, `callbacks` something
@@ -106,6 +109,7 @@ class Trainer(Hooks):
         penalties: Sequence[Penalty] = (),
         strategy: tf.distribute.Strategy | None = None,
         callbacks: Sequence[Any] = (),
+        param_groups: Sequence[ParamGroup] = (),
     ):
         self.options = opts = options or self.make_options()
         self.strategy = strategy or make_strategy(
@@ -116,6 +120,10 @@ class Trainer(Hooks):
             if not isinstance(p, Penalty):
                 raise ConfigError(f"`penalties` must hold Penalty objects, got {p!r}.")
         self.penalties = list(penalties)
+        for g in param_groups:
+            if not isinstance(g, ParamGroup):
+                raise ConfigError(f"`param_groups` must hold ParamGroup objects, got {g!r}.")
+        self.param_groups = list(param_groups)
         self.callbacks = check_callbacks(callbacks)
         # The engine's parts, in name-mangled slots that a task's own fields cannot clash with.
         self.__built: Built | None = None
@@ -232,6 +240,7 @@ class Trainer(Hooks):
             optimizer = with_loss_scale(self.build_optimizer(), opts.mixed_precision)
             check_optimizer(optimizer, opts, type(self).__name__)
             optimizer.build(trainable)  # before the first step: needed under strategies
+            groups = resolve_groups(self.param_groups, trainable, selections)
             chain = build_chain(
                 opts,
                 optimizer,
@@ -240,9 +249,11 @@ class Trainer(Hooks):
                 selections,
                 model=model,
                 train_batches=self._preprocessed_train_batches,
+                groups=groups,
             )
             step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         covered = coverage(selections, optimizer, trainable)  # checks decays
+        covered += group_coverage(groups)
         loss_penalties = [(p, v) for p, v in selections if p.has_loss]
         for penalty, variables in loss_penalties:  # once, eagerly: a bad term named here
             check_loss_term(penalty, penalty.loss(variables))
