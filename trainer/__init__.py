@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, `__getattr__`
         SelectiveL2,
         StepContext,
         Strength,
+        StrengthSchedule,
         UnitNorm,
     )
     from trainer.run.callbacks import Callback
@@ -65,6 +66,7 @@ _MODULES = {
         "SelectiveL2",
         "StepContext",
         "Strength",
+        "StrengthSchedule",
         "UnitNorm",
     ),
     "trainer.run.callbacks": ("Callback",),
@@ -86,6 +88,7 @@ __all__ = [
     "SelectiveL2",
     "StepContext",
     "Strength",
+    "StrengthSchedule",
     "TrainLoop",
     "TrainResult",
     "Trainer",

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from trainer.errors import ConfigError, check_float32, check_non_negative
 from trainer.penalties import selection
+from trainer.penalties.schedules import StrengthSchedule, as_schedule
 from trainer.penalties.selection import Selector
 
 
@@ -23,6 +24,10 @@ class Strength:
     `tf.function` (`loss`, `update`) the attribute reads as that variable, so
     `self.scale * ...` follows every later assignment (a schedule, a sweep) without
     retracing; outside one it reads as a float.
+
+    With a schedule (`Penalty`'s `schedule=`), an assignment sets the base of the curve and
+    a read outside a `tf.function` gives that base; inside one, the variable holds the value
+    in force at this step (`base · m(step)`, written by the step's first stage).
     """
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -32,7 +37,8 @@ class Strength:
         if penalty is None:
             return self
         variable = penalty.__dict__.get("_strength_variables", {}).get(self.name)
-        if variable is not None:
+        scheduled = self.name in penalty.__dict__.get("_schedules", {})
+        if variable is not None and (tf.inside_function() or not scheduled):
             return variable if tf.inside_function() else float(variable.numpy())
         values = penalty.__dict__.get("_strength_values", {})
         if self.name not in values:
@@ -60,6 +66,12 @@ class Strength:
     def __set__(self, penalty: Any, value: Any) -> None:
         value = self.check(value)
         penalty.__dict__.setdefault("_strength_values", {})[self.name] = value
+        if self.name in penalty.__dict__.get("_schedules", {}):
+            penalty._anchor_schedule(self.name)
+            base = penalty.__dict__.get("_strength_bases", {}).get(self.name)
+            if base is not None:  # the value in force follows at the next step
+                base.assign(value)
+            return
         variable = penalty.__dict__.get("_strength_variables", {}).get(self.name)
         if variable is not None:
             variable.assign(value)
@@ -112,13 +124,24 @@ class Penalty:
     it) and `exclude` does not. A regex that matches no variable at all, or a selection
     that is empty, is an error: a typo must not turn a penalty into a silent no-op.
 
+    Schedules: any strength can follow a `StrengthSchedule` over the optimizer steps
+    (`schedule='cosine(end=1e-5)'`): the value given is the curve's start, an assignment
+    later (a sweep) scales the curve. A penalty with one strength takes one schedule; one
+    with several takes a dict by strength name (`{'alpha': 'warmup(steps=100)'}`), so that
+    each `end` is in its strength's units. The Trainer writes the value in force into the
+    strength's variable at the start of each step (`step.schedules.StrengthSchedules`).
+
     Args:
       include: regex or predicate choosing variables; None for the default selection.
       exclude: regex or predicate removing variables from the selection; None for none.
       name: the name in logs (`penalty/<name>`); defaults to the registered name.
+      schedule: None (constant strengths); a spec string or a `StrengthSchedule` for the
+        one strength; or a dict of those by strength name.
 
     Raises:
       TypeError: the class overrides none of `loss`, `update`, `project` (when instantiated).
+      ConfigError: naming the penalty: a bad schedule spec, a schedule on a penalty without
+        strengths, one schedule for several strengths, or `end` ≠ 0 with a start value of 0.
     """
 
     registered_name: ClassVar[str | None] = None
@@ -146,7 +169,12 @@ class Penalty:
             setattr(cls, flag, implemented)
 
     def __init__(
-        self, *, include: Selector = None, exclude: Selector = None, name: str | None = None
+        self,
+        *,
+        include: Selector = None,
+        exclude: Selector = None,
+        name: str | None = None,
+        schedule: Any = None,
     ):
         if not any(getattr(self, flag) for flag, _ in PHASES):
             raise TypeError(
@@ -160,6 +188,67 @@ class Penalty:
         self._include = selection.compile_selector("include", include)
         self._exclude = selection.compile_selector("exclude", exclude)
         self.name = name or self.registered_name or type(self).__name__.lower()
+        self._schedules = self._check_schedule(schedule)
+        self._schedule_ratios: dict[str, float] = {}
+        for strength in self._schedules:
+            if strength in self.__dict__.get("_strength_values", {}):  # assigned before
+                self._anchor_schedule(strength)
+
+    def _check_schedule(self, schedule: Any) -> dict[str, StrengthSchedule]:
+        """`schedule` by strength name (see the class docstring); raises a ConfigError."""
+        if schedule is None:
+            return {}
+        owner = f"penalty {self.name!r}"
+        names = self.strength_names()
+        if not names:
+            raise ConfigError(
+                f"{owner}: `schedule` ({schedule!r}) given, but {type(self).__name__} has no "
+                "strength to schedule."
+            )
+        if not isinstance(schedule, dict):
+            if len(names) > 1:
+                raise ConfigError(
+                    f"{owner}: `schedule` ({schedule!r}) must be a dict by strength name, "
+                    f"e.g. {{{names[0]!r}: 'cosine(end=0.0)'}}: it has strengths "
+                    f"{', '.join(names)}."
+                )
+            schedule = {names[0]: schedule}
+        unknown = sorted(set(schedule) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"{owner}: `schedule` ({schedule!r}) names {', '.join(map(repr, unknown))}; "
+                f"its strengths: {', '.join(names)}."
+            )
+        try:
+            return {k: as_schedule(v) for k, v in schedule.items()}
+        except ConfigError as e:
+            raise ConfigError(f"{owner}: {e}") from None
+
+    def _anchor_schedule(self, strength: str) -> None:
+        """On the strength's first assignment, fixes the ratio its schedule's `end` keeps."""
+        if strength not in self._schedule_ratios:
+            value = self._strength_values[strength]
+            owner = f"penalty {self.name!r} ({strength}={value:g})"
+            self._schedule_ratios[strength] = self._schedules[strength].ratio(value, owner)
+
+    @property
+    def schedules(self) -> dict[str, StrengthSchedule]:
+        """The strengths' schedules by strength name; empty when none has one."""
+        return dict(self.__dict__.get("_schedules", {}))
+
+    def scheduled_value(self, strength: str, step: Any, default_steps: int) -> tf.Tensor:
+        """The value of the scheduled `strength` at the optimizer step `step` (after `build`):
+        its base variable times its schedule's multiplier, a float32 scalar tensor.
+
+        Args:
+          strength: a strength name in `schedules`.
+          step: the optimizer's `iterations` (an integer tensor).
+          default_steps: the schedule's `steps` when it has none (the run's `train_steps`).
+        """
+        base = self.__dict__["_strength_bases"][strength]
+        ratio = self._schedule_ratios[strength]
+        multiplier = self._schedules[strength].multiplier(step, ratio, default_steps)
+        return tf.convert_to_tensor(base) * multiplier
 
     @classmethod
     def strength_names(cls) -> list[str]:
@@ -202,10 +291,13 @@ class Penalty:
         """
         del variables
         created = self.__dict__.setdefault("_strength_variables", {})
+        bases = self.__dict__.setdefault("_strength_bases", {})
         for name in self.strength_names():
             if name not in created:
                 value = getattr(self, name)
                 created[name] = tf.Variable(value, trainable=False, dtype=tf.float32, name=name)
+                if name in self.__dict__.get("_schedules", {}):  # not checkpointed: given now
+                    bases[name] = tf.Variable(value, trainable=False, name=f"{name}_base")
 
     @property
     def built(self) -> bool:
@@ -245,8 +337,15 @@ class Penalty:
         raise NotImplementedError
 
     def params(self) -> dict[str, Any]:
-        """The arguments shown in `repr` and the penalty table: the strengths by default."""
-        return {name: getattr(self, name) for name in self.strength_names()}
+        """The arguments shown in `repr` and the penalty table: the strengths (their bases
+        when scheduled) by default, and `schedule` as a spec (a dict with several)."""
+        params: dict[str, Any] = {name: getattr(self, name) for name in self.strength_names()}
+        schedules = self.__dict__.get("_schedules", {})
+        if schedules:
+            specs = {k: v.spec() for k, v in schedules.items()}
+            several = len(self.strength_names()) > 1
+            params["schedule"] = specs if several else next(iter(specs.values()))
+        return params
 
     def __repr__(self) -> str:
         args = dict(self.params())

@@ -2,6 +2,8 @@
 
 One optimizer step on one replica, in this order (`build_chain`):
 
+0. strength schedules        `StrengthSchedules`: each scheduled penalty strength's value for
+                             this step, written into its variable (only with a schedule)
 1. loss terms and gradients  `Gradients`: data loss (averaged over the global batch) + each
                              penalty's `loss()` + the model's Keras regularizer losses, over
                              `accumulate_steps` micro-batches; penalties count once per step
@@ -31,6 +33,7 @@ from trainer.step.clipping import Clipping
 from trainer.step.decay import PenaltyUpdates
 from trainer.step.ema import ExponentialAverage
 from trainer.step.projection import Projections
+from trainer.step.schedules import StrengthSchedules
 from trainer.step.stage import PHASES, Stage, StepState
 from trainer.step.update import OptimizerUpdate
 
@@ -123,7 +126,9 @@ def build_chain(
     before = [(p, v) for p, v in selections if p.has_update]
     after = [(p, v) for p, v in selections if p.has_project]
     ema = options.ema_decay
+    scheduled = [p for p, _ in selections if p.schedules]
     stages = [
+        StrengthSchedules(scheduled, optimizer, options.train_steps) if scheduled else None,
         Gradients(compute_losses, optimizer, variables, options.accumulate_steps),
         Clipping(options.clip_global_norm, optimizer) if options.clip_global_norm else None,
         PenaltyUpdates(before, optimizer) if before else None,
