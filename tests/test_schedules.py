@@ -115,27 +115,32 @@ class ScheduleTest(tf.test.TestCase):
             self.assertAllClose(value, expected, rtol=1e-6, atol=0, msg=f"step {step}")
         in_force = 1e-2 * multiplier("cosine", 19, ratio=0.1, warmup=4)
         self.assertAllClose(l2.strength("scale").numpy(), in_force, rtol=1e-6, atol=0)
-        self.assertEqual(l2.scale, 1e-2)  # read in Python: the base
+        self.assertAllClose(l2.scale, in_force, rtol=1e-6, atol=0)  # read in Python
+        self.assertEqual(l2.params()["scale"], 1e-2)  # shown and recorded: the base
 
     def test_decoupled_weight_decay_schedule_matches_add_decayed_weights_by_hand(self):
         """SGD + scheduled decay ≡ optax's `add_decayed_weights(schedule)` then SGD, in NumPy:
         `w ← w − lr·rate_t·w − lr·g`, rate_t at the step before the update (0 first)."""
         lr, rate, steps = 0.1, 0.5, 20
-        task = ArrayTask(self.x, self.y,
-                         TrainerOptions(batch_size=64, train_steps=steps, steps_per_loop=10,
-                                        learning_rate=lr, optimizer="sgd"),
-                         model_fn=linear_model, loss_fn=sum_outputs,
-                         penalties=[DecoupledWeightDecay(rate, schedule="cosine(end=0.05)")])  # fmt: skip
-        kernel, bias = (w.astype(np.float64) for w in task.model.get_weights())
-        gradient = np.repeat(self.x.astype(np.float64).mean(0)[:, None], 2, axis=1)
-        for step in range(steps):
-            rate_t = rate * multiplier("cosine", step, ratio=0.1, steps=steps)
-            kernel = kernel - lr * rate_t * kernel - lr * gradient
-        bias = bias - lr * steps * 1.0
-        task.train()
-        trained_kernel, trained_bias = task.model.get_weights()
-        self.assertLess(relative_error(trained_kernel, kernel), 1e-6)
-        self.assertLess(relative_error(trained_bias, bias), 1e-6)
+        for compiled in (True, False):
+            with self.subTest(use_tf_function=compiled):
+                decay = DecoupledWeightDecay(rate, schedule="cosine(end=0.05)")
+                task = ArrayTask(self.x, self.y,
+                                 TrainerOptions(batch_size=64, train_steps=steps,
+                                                steps_per_loop=10, learning_rate=lr,
+                                                optimizer="sgd", use_tf_function=compiled),
+                                 model_fn=linear_model, loss_fn=sum_outputs,
+                                 penalties=[decay])  # fmt: skip
+                kernel, bias = (w.astype(np.float64) for w in task.model.get_weights())
+                gradient = np.repeat(self.x.astype(np.float64).mean(0)[:, None], 2, axis=1)
+                for step in range(steps):
+                    rate_t = rate * multiplier("cosine", step, ratio=0.1, steps=steps)
+                    kernel = kernel - lr * rate_t * kernel - lr * gradient
+                bias = bias - lr * steps * 1.0
+                task.train()
+                trained_kernel, trained_bias = task.model.get_weights()
+                self.assertLess(relative_error(trained_kernel, kernel), 1e-6)
+                self.assertLess(relative_error(trained_bias, bias), 1e-6)
 
     def test_plugin_penalty_takes_a_schedule_unchanged(self):
         """A plugin written without schedules in mind: its `loss()` reads the scheduled value
@@ -149,8 +154,8 @@ class ScheduleTest(tf.test.TestCase):
                     )
                 else:
                     tilt = Tilt(0.5, include="kernel", schedule=schedule)
-                self.assertEqual(repr(tilt),
-                                 "Tilt(alpha=0.5, schedule='linear(end=0.05)', include='kernel')")  # fmt: skip
+                expected = "Tilt(alpha=0.5, schedule='linear(end=0.05)', include='kernel')"
+                self.assertEqual(repr(tilt), expected)
                 task = ArrayTask(self.x, self.y,
                                  TrainerOptions(batch_size=64, train_steps=steps,
                                                 steps_per_loop=steps, learning_rate=lr,
@@ -186,8 +191,9 @@ class ScheduleTest(tf.test.TestCase):
             saved = json.load(f)["settings"]
         self.assertFalse([c for c in resume.changes(saved, resume.settings(resumed)) if "l2." in c])
         other = self.task([L2(1e-2, schedule="linear(end=1e-3)")])
-        self.assertIn("l2.schedule: cosine(end=0.001, steps=20) in the checkpointed run -> "
-                      "linear(end=0.001) now", resume.changes(saved, resume.settings(other)))  # fmt: skip
+        line = ("l2.schedule: cosine(end=0.001, steps=20) in the checkpointed run -> "
+                "linear(end=0.001) now")  # fmt: skip
+        self.assertIn(line, resume.changes(saved, resume.settings(other)))
 
     def test_sweep_scales_the_curve_without_retracing(self):
         """Each swept value is the start and `end` keeps its ratio (1e-2 -> 1e-3: a tenth);

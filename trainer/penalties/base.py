@@ -25,9 +25,10 @@ class Strength:
     `self.scale * ...` follows every later assignment (a schedule, a sweep) without
     retracing; outside one it reads as a float.
 
-    With a schedule (`Penalty`'s `schedule=`), an assignment sets the base of the curve and
-    a read outside a `tf.function` gives that base; inside one, the variable holds the value
-    in force at this step (`base · m(step)`, written by the step's first stage).
+    With a schedule (`Penalty`'s `schedule=`), an assignment sets the base of the curve
+    (the value in force follows from the next step) and the variable holds the value in
+    force (`base · m(step)`, written by the step's first stage), which reads give once the
+    penalty is built; `params()` shows the base.
     """
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -37,8 +38,7 @@ class Strength:
         if penalty is None:
             return self
         variable = penalty.__dict__.get("_strength_variables", {}).get(self.name)
-        scheduled = self.name in penalty.__dict__.get("_schedules", {})
-        if variable is not None and (tf.inside_function() or not scheduled):
+        if variable is not None:
             return variable if tf.inside_function() else float(variable.numpy())
         values = penalty.__dict__.get("_strength_values", {})
         if self.name not in values:
@@ -339,8 +339,11 @@ class Penalty:
     def params(self) -> dict[str, Any]:
         """The arguments shown in `repr` and the penalty table: the strengths (their bases
         when scheduled) by default, and `schedule` as a spec (a dict with several)."""
-        params: dict[str, Any] = {name: getattr(self, name) for name in self.strength_names()}
         schedules = self.__dict__.get("_schedules", {})
+        params: dict[str, Any] = {
+            name: self._strength_values[name] if name in schedules else getattr(self, name)
+            for name in self.strength_names()
+        }
         if schedules:
             specs = {k: v.spec() for k, v in schedules.items()}
             several = len(self.strength_names()) > 1
