@@ -222,6 +222,8 @@ class ScheduleTest(tf.test.TestCase):
         penalty.scale = 0.5
         self.assertEqual(penalty.scale, 0.5)
         self.assertEqual(penalty.params(), {"scale": 0.5, "schedule": "cosine(end=0.001)"})
+        self.assertEqual(parse_penalty_spec("max_norm(2.0, schedule='cosine(end=1.0)')").params(),
+                         {"max_value": 2.0, "schedule": "cosine(end=1.0)", "axis": 0})  # fmt: skip
         two = TwoStrengths(schedule={"beta": "warmup(steps=3)"})
         self.assertEqual(two.params()["schedule"], {"beta": "warmup(steps=3)"})
 
@@ -239,6 +241,8 @@ class BadScheduleTest(CliTestCase):
             ("l2(0, schedule='cosine(end=1e-4)')", "starts at 0"),
             ("l2(1e-3, schedule=3)", "`schedule` (3)"),
             ("non_neg(schedule='warmup(steps=3)')", "no strength to schedule"),
+            ("max_norm(2.0, schedule='warmup(steps=3)')", "takes it to 0: `max_value` (0.0)"),
+            ("max_norm(2.0, schedule='cosine()')", "takes it to 0: `max_value`"),
         )
         for spec, fragment in cases:
             with self.subTest(spec=spec):
@@ -247,7 +251,7 @@ class BadScheduleTest(CliTestCase):
                 message = str(raised.exception)
                 self.assertNotIn("\n", message)
                 self.assertIn(fragment, message)
-                self.assertRegex(message, r"penalty '(l2|non_neg)'")
+                self.assertRegex(message, r"penalty '(l2|non_neg|max_norm)'")
         with self.assertRaisesRegex(ConfigError, r"penalty '\w+'.*must be a dict by strength name"):
             TwoStrengths(schedule="warmup(steps=3)")
         with self.assertRaisesRegex(ConfigError, r"names 'gamma'; its strengths: alpha, beta"):

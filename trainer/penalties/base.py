@@ -225,11 +225,22 @@ class Penalty:
             raise ConfigError(f"{owner}: {e}") from None
 
     def _anchor_schedule(self, strength: str) -> None:
-        """On the strength's first assignment, fixes the ratio its schedule's `end` keeps."""
+        """On the strength's first assignment, fixes the ratio its schedule's `end` keeps,
+        and checks that the strength may take the curve's lowest value (a max_norm bound
+        must stay > 0: no warmup from 0, no decay to 0)."""
         if strength not in self._schedule_ratios:
             value = self._strength_values[strength]
             owner = f"penalty {self.name!r} ({strength}={value:g})"
-            self._schedule_ratios[strength] = self._schedules[strength].ratio(value, owner)
+            schedule = self._schedules[strength]
+            ratio = schedule.ratio(value, owner)
+            lowest = 0.0 if schedule.warmup else ratio if schedule.kind != "constant" else 1.0
+            try:
+                getattr(type(self), strength).check(value * lowest)
+            except ConfigError as e:
+                raise ConfigError(
+                    f"{owner}: schedule {schedule.spec()!r} takes it to {value * lowest:g}: {e}"
+                ) from None
+            self._schedule_ratios[strength] = ratio
 
     @property
     def schedules(self) -> dict[str, StrengthSchedule]:
