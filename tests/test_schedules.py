@@ -96,7 +96,8 @@ class ScheduleTest(tf.test.TestCase):
 
     def test_cosine_logged_values_match_the_closed_form(self):
         """`strength/<p>.<name>` at step n is the closed form at n (the next update's value,
-        as `learning_rate`); the variable holds the last update's value (step 19)."""
+        as `learning_rate`; `decay/<name>` agrees); the variable holds the last update's value
+        (step 19)."""
         model_dir = self.create_tempdir().full_path
         l2 = L2(1e-2, schedule="cosine(end=1e-3, warmup=4)")
         decay = DecoupledWeightDecay(0.1, schedule="linear(end=0.02, steps=10, start_step=5)")
@@ -110,9 +111,11 @@ class ScheduleTest(tf.test.TestCase):
         for step, value in logged.items():
             expected = 1e-2 * multiplier("cosine", step, ratio=0.1, warmup=4)
             self.assertAllClose(value, expected, rtol=1e-6, atol=0, msg=f"step {step}")
+        decays = dict(scalars["decay/decoupled_weight_decay"])  # lr · rate, at the same step
         for step, value in scalars["strength/decoupled_weight_decay.rate"]:
             expected = 0.1 * multiplier("linear", step, ratio=0.2, steps=10, start_step=5)
             self.assertAllClose(value, expected, rtol=1e-6, atol=0, msg=f"step {step}")
+            self.assertAllClose(decays[step], 0.05 * expected, rtol=1e-6, atol=0)
         in_force = 1e-2 * multiplier("cosine", 19, ratio=0.1, warmup=4)
         self.assertAllClose(l2.strength("scale").numpy(), in_force, rtol=1e-6, atol=0)
         self.assertAllClose(l2.scale, in_force, rtol=1e-6, atol=0)  # read in Python

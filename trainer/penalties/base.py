@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import reprlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import tensorflow as tf
@@ -37,6 +38,9 @@ class Strength:
     def __get__(self, penalty: Any, owner: type | None = None) -> Any:
         if penalty is None:
             return self
+        at_step = penalty.__dict__.get("_strengths_at_step", {})
+        if self.name in at_step and tf.inside_function():
+            return at_step[self.name]
         variable = penalty.__dict__.get("_strength_variables", {}).get(self.name)
         if variable is not None:
             return variable if tf.inside_function() else float(variable.numpy())
@@ -260,6 +264,19 @@ class Penalty:
         ratio = self._schedule_ratios[strength]
         multiplier = self._schedules[strength].multiplier(step, ratio, default_steps)
         return tf.convert_to_tensor(base) * multiplier
+
+    @contextlib.contextmanager
+    def scheduled_at(self, step: Any, default_steps: int) -> Iterator[None]:
+        """Within it, while tracing, the scheduled strengths read as their values at `step`
+        (`scheduled_value`) instead of the value in force: for the per-step summaries, which
+        show the next step's values, as the learning rate's."""
+        self._strengths_at_step = {
+            name: self.scheduled_value(name, step, default_steps) for name in self.schedules
+        }
+        try:
+            yield
+        finally:
+            del self._strengths_at_step
 
     @classmethod
     def strength_names(cls) -> list[str]:

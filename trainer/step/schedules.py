@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import tensorflow as tf
@@ -22,7 +23,8 @@ class StrengthSchedules(Stage):
     penalty has a schedule.
 
     TensorBoard: `strength/<penalty>.<strength>` at step n is the value the next update uses
-    (the schedule at `iterations` = n), as `learning_rate` is.
+    (the schedule at `iterations` = n), as `learning_rate` is; the loop computes its other
+    per-step values (`decay/<name>`) within `next_step`, so that they agree.
 
     Args:
       penalties: the penalties with a schedule.
@@ -58,6 +60,16 @@ class StrengthSchedules(Stage):
         del strategy
         for (penalty, name), value in zip(self.scheduled, self._values(), strict=True):
             penalty.strength(name).assign(value)
+
+    @contextlib.contextmanager
+    def next_step(self) -> Iterator[None]:
+        """Within it, while tracing, scheduled strengths read as at the optimizer's current
+        `iterations` (the next update's values; see `Penalty.scheduled_at`)."""
+        step = tf.identity(self.optimizer.iterations.value)
+        with contextlib.ExitStack() as stack:
+            for penalty in dict.fromkeys(p for p, _ in self.scheduled):
+                stack.enter_context(penalty.scheduled_at(step, self.train_steps))
+            yield
 
     def summary_tags(self) -> list[str]:
         return [f"strength/{p.name}.{name}" for p, name in self.scheduled]
