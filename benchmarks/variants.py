@@ -363,6 +363,7 @@ PENALTIES = (
     ("pen_selective_l2", lambda: [SelectiveL2(1e-4, exclude="bias")]),
     ("pen_decoupled_wd", lambda: [DecoupledWeightDecay(1e-2)]),
     ("pen_l2+decoupled_wd", lambda: [L2(1e-4), DecoupledWeightDecay(1e-2)]),
+    ("pen_l2_cosine", lambda: [L2(1e-4, schedule="cosine(end=1e-5)")]),  # strength schedule
 )
 # The technique variants (seed MLP): tapeloop_arrays with each option on (batch 128).
 TECHNIQUES = (

@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, `__getattr__`
         SelectiveL2,
         StepContext,
         Strength,
+        StrengthSchedule,
         UnitNorm,
     )
     from trainer.run.callbacks import Callback
@@ -74,6 +75,7 @@ _MODULES = {
         "SelectiveL2",
         "StepContext",
         "Strength",
+        "StrengthSchedule",
         "UnitNorm",
     ),
     "trainer.run.callbacks": ("Callback",),
@@ -100,6 +102,7 @@ __all__ = [
     "SelectiveL2",
     "StepContext",
     "Strength",
+    "StrengthSchedule",
     "TrainLoop",
     "TrainResult",
     "Trainer",

@@ -6,6 +6,7 @@ Importing this package registers the built-in penalties (the `trainer.penalties`
 from trainer.penalties.base import Penalty, StepContext, Strength, check_loss_term
 from trainer.penalties.builtin import L2, DecoupledWeightDecay, SelectiveL2
 from trainer.penalties.projections import MaxNorm, NonNeg, UnitNorm
+from trainer.penalties.schedules import StrengthSchedule
 from trainer.penalties.selection import Selector, variable_path
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "Selector",
     "StepContext",
     "Strength",
+    "StrengthSchedule",
     "UnitNorm",
     "check_loss_term",
     "variable_path",

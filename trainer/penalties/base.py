@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import reprlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import tensorflow as tf
 
 from trainer.errors import ConfigError, check_float32, check_non_negative
 from trainer.penalties import selection
+from trainer.penalties.schedules import StrengthSchedule, as_schedule
 from trainer.penalties.selection import Selector
 
 
@@ -23,6 +25,11 @@ class Strength:
     `tf.function` (`loss`, `update`) the attribute reads as that variable, so
     `self.scale * ...` follows every later assignment (a schedule, a sweep) without
     retracing; outside one it reads as a float.
+
+    With a schedule (`Penalty`'s `schedule=`), an assignment sets the base of the curve
+    (the value in force follows from the next step) and the variable holds the value in
+    force (`base · m(step)`, written by the step's first stage), which reads give once the
+    penalty is built; `params()` shows the base.
     """
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -31,6 +38,9 @@ class Strength:
     def __get__(self, penalty: Any, owner: type | None = None) -> Any:
         if penalty is None:
             return self
+        at_step = penalty.__dict__.get("_strengths_at_step", {})
+        if self.name in at_step and tf.inside_function():
+            return at_step[self.name]
         variable = penalty.__dict__.get("_strength_variables", {}).get(self.name)
         if variable is not None:
             return variable if tf.inside_function() else float(variable.numpy())
@@ -60,6 +70,12 @@ class Strength:
     def __set__(self, penalty: Any, value: Any) -> None:
         value = self.check(value)
         penalty.__dict__.setdefault("_strength_values", {})[self.name] = value
+        if self.name in penalty.__dict__.get("_schedules", {}):
+            penalty._anchor_schedule(self.name)
+            base = penalty.__dict__.get("_strength_bases", {}).get(self.name)
+            if base is not None:  # the value in force follows at the next step
+                base.assign(value)
+            return
         variable = penalty.__dict__.get("_strength_variables", {}).get(self.name)
         if variable is not None:
             variable.assign(value)
@@ -112,13 +128,24 @@ class Penalty:
     it) and `exclude` does not. A regex that matches no variable at all, or a selection
     that is empty, is an error: a typo must not turn a penalty into a silent no-op.
 
+    Schedules: any strength can follow a `StrengthSchedule` over the optimizer steps
+    (`schedule='cosine(end=1e-5)'`): the value given is the curve's start, an assignment
+    later (a sweep) scales the curve. A penalty with one strength takes one schedule; one
+    with several takes a dict by strength name (`{'alpha': 'warmup(steps=100)'}`), so that
+    each `end` is in its strength's units. The Trainer writes the value in force into the
+    strength's variable at the start of each step (`step.schedules.StrengthSchedules`).
+
     Args:
       include: regex or predicate choosing variables; None for the default selection.
       exclude: regex or predicate removing variables from the selection; None for none.
       name: the name in logs (`penalty/<name>`); defaults to the registered name.
+      schedule: None (constant strengths); a spec string or a `StrengthSchedule` for the
+        one strength; or a dict of those by strength name.
 
     Raises:
       TypeError: the class overrides none of `loss`, `update`, `project` (when instantiated).
+      ConfigError: naming the penalty: a bad schedule spec, a schedule on a penalty without
+        strengths, one schedule for several strengths, or `end` ≠ 0 with a start value of 0.
     """
 
     registered_name: ClassVar[str | None] = None
@@ -146,7 +173,12 @@ class Penalty:
             setattr(cls, flag, implemented)
 
     def __init__(
-        self, *, include: Selector = None, exclude: Selector = None, name: str | None = None
+        self,
+        *,
+        include: Selector = None,
+        exclude: Selector = None,
+        name: str | None = None,
+        schedule: Any = None,
     ):
         if not any(getattr(self, flag) for flag, _ in PHASES):
             raise TypeError(
@@ -160,6 +192,91 @@ class Penalty:
         self._include = selection.compile_selector("include", include)
         self._exclude = selection.compile_selector("exclude", exclude)
         self.name = name or self.registered_name or type(self).__name__.lower()
+        self._schedules = self._check_schedule(schedule)
+        self._schedule_ratios: dict[str, float] = {}
+        for strength in self._schedules:
+            if strength in self.__dict__.get("_strength_values", {}):  # assigned before
+                self._anchor_schedule(strength)
+
+    def _check_schedule(self, schedule: Any) -> dict[str, StrengthSchedule]:
+        """`schedule` by strength name (see the class docstring); raises a ConfigError."""
+        if schedule is None:
+            return {}
+        owner = f"penalty {self.name!r}"
+        names = self.strength_names()
+        if not names:
+            raise ConfigError(
+                f"{owner}: `schedule` ({schedule!r}) given, but {type(self).__name__} has no "
+                "strength to schedule."
+            )
+        if not isinstance(schedule, dict):
+            if len(names) > 1:
+                raise ConfigError(
+                    f"{owner}: `schedule` ({schedule!r}) must be a dict by strength name, "
+                    f"e.g. {{{names[0]!r}: 'cosine(end=0.0)'}}: it has strengths "
+                    f"{', '.join(names)}."
+                )
+            schedule = {names[0]: schedule}
+        unknown = sorted(set(schedule) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"{owner}: `schedule` ({schedule!r}) names {', '.join(map(repr, unknown))}; "
+                f"its strengths: {', '.join(names)}."
+            )
+        try:
+            return {k: as_schedule(v) for k, v in schedule.items()}
+        except ConfigError as e:
+            raise ConfigError(f"{owner}: {e}") from None
+
+    def _anchor_schedule(self, strength: str) -> None:
+        """On the strength's first assignment, fixes the ratio its schedule's `end` keeps,
+        and checks that the strength may take the curve's lowest value (a max_norm bound
+        must stay > 0: no warmup from 0, no decay to 0)."""
+        if strength not in self._schedule_ratios:
+            value = self._strength_values[strength]
+            owner = f"penalty {self.name!r} ({strength}={value:g})"
+            schedule = self._schedules[strength]
+            ratio = schedule.ratio(value, owner)
+            lowest = 0.0 if schedule.warmup else ratio if schedule.kind != "constant" else 1.0
+            try:
+                getattr(type(self), strength).check(value * lowest)
+            except ConfigError as e:
+                raise ConfigError(
+                    f"{owner}: schedule {schedule.spec()!r} takes it to {value * lowest:g}: {e}"
+                ) from None
+            self._schedule_ratios[strength] = ratio
+
+    @property
+    def schedules(self) -> dict[str, StrengthSchedule]:
+        """The strengths' schedules by strength name; empty when none has one."""
+        return dict(self.__dict__.get("_schedules", {}))
+
+    def scheduled_value(self, strength: str, step: Any, default_steps: int) -> tf.Tensor:
+        """The value of the scheduled `strength` at the optimizer step `step` (after `build`):
+        its base variable times its schedule's multiplier, a float32 scalar tensor.
+
+        Args:
+          strength: a strength name in `schedules`.
+          step: the optimizer's `iterations` (an integer tensor).
+          default_steps: the schedule's `steps` when it has none (the run's `train_steps`).
+        """
+        base = self.__dict__["_strength_bases"][strength]
+        ratio = self._schedule_ratios[strength]
+        multiplier = self._schedules[strength].multiplier(step, ratio, default_steps)
+        return tf.convert_to_tensor(base) * multiplier
+
+    @contextlib.contextmanager
+    def scheduled_at(self, step: Any, default_steps: int) -> Iterator[None]:
+        """Within it, while tracing, the scheduled strengths read as their values at `step`
+        (`scheduled_value`) instead of the value in force: for the per-step summaries, which
+        show the next step's values, as the learning rate's."""
+        self._strengths_at_step = {
+            name: self.scheduled_value(name, step, default_steps) for name in self.schedules
+        }
+        try:
+            yield
+        finally:
+            del self._strengths_at_step
 
     @classmethod
     def strength_names(cls) -> list[str]:
@@ -202,10 +319,13 @@ class Penalty:
         """
         del variables
         created = self.__dict__.setdefault("_strength_variables", {})
+        bases = self.__dict__.setdefault("_strength_bases", {})
         for name in self.strength_names():
             if name not in created:
                 value = getattr(self, name)
                 created[name] = tf.Variable(value, trainable=False, dtype=tf.float32, name=name)
+                if name in self.__dict__.get("_schedules", {}):  # not checkpointed: given now
+                    bases[name] = tf.Variable(value, trainable=False, name=f"{name}_base")
 
     @property
     def built(self) -> bool:
@@ -245,8 +365,18 @@ class Penalty:
         raise NotImplementedError
 
     def params(self) -> dict[str, Any]:
-        """The arguments shown in `repr` and the penalty table: the strengths by default."""
-        return {name: getattr(self, name) for name in self.strength_names()}
+        """The arguments shown in `repr` and the penalty table: the strengths (their bases
+        when scheduled) by default, and `schedule` as a spec (a dict with several)."""
+        schedules = self.__dict__.get("_schedules", {})
+        params: dict[str, Any] = {
+            name: self._strength_values[name] if name in schedules else getattr(self, name)
+            for name in self.strength_names()
+        }
+        if schedules:
+            specs = {k: v.spec() for k, v in schedules.items()}
+            several = len(self.strength_names()) > 1
+            params["schedule"] = specs if several else next(iter(specs.values()))
+        return params
 
     def __repr__(self) -> str:
         args = dict(self.params())

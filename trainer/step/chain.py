@@ -2,6 +2,8 @@
 
 One optimizer step on one replica, in this order (`build_chain`):
 
+0. strength schedules        `StrengthSchedules`: each scheduled penalty strength's value for
+                             this step, written into its variable (only with a schedule)
 1. loss terms and gradients  `Gradients`: data loss (averaged over the global batch) + each
                              penalty's `loss()` + the model's Keras regularizer losses, over
                              `accumulate_steps` micro-batches; penalties count once per step
@@ -39,6 +41,7 @@ from trainer.step.ema import ExponentialAverage
 from trainer.step.groups import GroupScaling, GroupSnapshot
 from trainer.step.projection import Projections
 from trainer.step.sam import SharpnessAware
+from trainer.step.schedules import StrengthSchedules
 from trainer.step.stage import PHASES, Stage, StepState
 from trainer.step.swa import StochasticWeightAverage
 from trainer.step.update import OptimizerUpdate
@@ -154,7 +157,9 @@ def build_chain(
             bn_batches=options.swa_bn_batches,
             use_tf_function=options.use_tf_function,
         )
+    scheduled = [p for p, _ in selections if p.schedules]
     stages = [
+        StrengthSchedules(scheduled, optimizer, options.train_steps) if scheduled else None,
         gradients,
         SharpnessAware(gradients, rho, options.sam_adaptive) if rho else None,
         Clipping(options.clip_global_norm, optimizer) if options.clip_global_norm else None,

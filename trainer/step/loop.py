@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import keras
@@ -13,6 +14,7 @@ from trainer.inputs import InMemoryBatches
 from trainer.optimizers import initial_learning_rate
 from trainer.options import TrainerOptions
 from trainer.run import summaries
+from trainer.step.schedules import StrengthSchedules
 
 if TYPE_CHECKING:  # the Trainer module imports this one
     from trainer.step.trainer import Built
@@ -234,12 +236,14 @@ class TrainLoop:
 
     def _record(self, losses, step, rows, row_steps, count) -> tuple[tf.Tensor, ...]:
         """Adds this step's TensorBoard values as row `count`."""
-        values = summaries.step_values(
-            losses,
-            tf.cast(self.built.optimizer.learning_rate, tf.float32),
-            self._initial_lr,
-            self.built.selections,
-        )
+        schedules = self.built.chain.stage(StrengthSchedules)  # strengths as learning_rate
+        with schedules.next_step() if schedules else contextlib.nullcontext():
+            values = summaries.step_values(
+                losses,
+                tf.cast(self.built.optimizer.learning_rate, tf.float32),
+                self._initial_lr,
+                self.built.selections,
+            )
         extra = self.built.chain.summary_values()
         values = tf.concat([values, tf.stack(extra)], axis=0) if extra else values
         rows = tf.tensor_scatter_nd_update(rows, [[count]], values[tf.newaxis])
