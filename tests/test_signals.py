@@ -12,6 +12,7 @@ import time
 import numpy as np
 import tensorflow as tf
 from array_task import free_ports
+from cli_runner import context, run_cli
 
 from trainer.run.signals import StopSignals
 
@@ -19,7 +20,8 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 FIXTURES_DIR = os.path.join(TESTS_DIR, "fixtures")
 REPO_DIR = os.path.dirname(TESTS_DIR)
 TIMEOUT_S = 120  # then SIGKILL: a worker waiting for its peer inside TensorFlow ignores SIGTERM
-CLI = (sys.executable, "-m", "trainer", "--import=dist_plugin", "--task=dist_regression")
+TASK = ("--import=dist_plugin", "--task=dist_regression")
+CLI = (sys.executable, "-m", "trainer", *TASK)
 
 
 def _sigint_by_default():
@@ -90,7 +92,8 @@ def trainer_lines(log):
 
 class CtrlCTest(tf.test.TestCase):
     def test_ctrl_c_saves_at_the_next_boundary_exits_130_and_resumes(self):
-        """SIGINT at step 8 (loops of 2 steps): ckpt-10, one line, 130; a rerun ends at 40."""
+        """SIGINT at step 8 (loops of 2 steps): ckpt-10, one line, 130; a rerun (in this
+        process: its process is not what is tested) ends at 40."""
         out = self.create_tempdir().full_path
         model_dir = os.path.join(out, "run")
         flags = [f"--model_dir={model_dir}", "--eval_every=4", "--steps_per_loop=2",
@@ -107,9 +110,9 @@ class CtrlCTest(tf.test.TestCase):
         with open(os.path.join(model_dir, "results.json")) as f:  # written before the save
             self.assertEqual(json.load(f)["step"], 10)
 
-        rc, log = Cli(self, out, "resumed", *flags).wait()
-        self.assertEqual(rc, 0, log[-3000:])
-        self.assertIn(f"Restored {model_dir}/ckpt-10", log)
+        resumed = run_cli(*TASK, *flags)
+        self.assertEqual(resumed.returncode, 0, context(resumed))
+        self.assertIn(f"Restored {model_dir}/ckpt-10", resumed.stderr)
         with open(os.path.join(model_dir, "results.json")) as f:
             self.assertEqual(json.load(f)["step"], 40)
 
