@@ -28,6 +28,12 @@ def run_process(model_dir, *flags, **env):
     return run_cli_process(*TASK, f"--model_dir={model_dir}", *flags, timeout=TIMEOUT_S, **env)
 
 
+def run_here(model_dir, *flags):
+    """The same command in this process, as in a fresh one (the unbroken run and the reruns:
+    no process of theirs is under test); returns its `CliResult`."""
+    return run_cli(*TASK, f"--model_dir={model_dir}", *flags)
+
+
 def checkpoint_weights(model_dir):
     """The model variables of the latest checkpoint in `model_dir`, in model order."""
     reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(model_dir))
@@ -39,7 +45,11 @@ def checkpoint_weights(model_dir):
 
 
 class ResumeTest(tf.test.TestCase):
-    """Kill the CLI at a step, rerun the same command: the weights are those of an unbroken run."""
+    """Kill the CLI at a step, rerun the same command: the weights are those of an unbroken run.
+
+    The killed and preempted runs are processes; the unbroken run and the reruns run the same
+    command in this process (`run_cli`, as in a fresh one: the same ops, so the same bits).
+    """
 
     _reference: list[np.ndarray] | None = None  # an unbroken run's weights, once per class
 
@@ -50,7 +60,7 @@ class ResumeTest(tf.test.TestCase):
     def reference(self) -> list[np.ndarray]:
         if ResumeTest._reference is None:
             reference_dir = os.path.join(self.create_tempdir().full_path, "unbroken")
-            done = run_process(reference_dir)
+            done = run_here(reference_dir)
             self.assertEqual(done.returncode, 0, done.stderr[-2000:])
             ResumeTest._reference = checkpoint_weights(reference_dir)
         return ResumeTest._reference
@@ -71,13 +81,13 @@ class ResumeTest(tf.test.TestCase):
         if os.path.exists(os.path.join(model_dir, "results.json")):  # from the evaluations before
             with open(os.path.join(model_dir, "results.json")) as f:
                 self.assertLess(json.load(f)["step"], kill_at)
-        resumed = run_process(model_dir)
+        resumed = run_here(model_dir)
         self.assertEqual(resumed.returncode, 0, resumed.stderr[-2000:])
         if kill_at > 25:  # the kill fires in evaluate, which runs before the same step's save
             self.assertIn(f"ckpt-{(kill_at - 1) // 25 * 25}", resumed.stderr)
         self.assert_bit_identical(model_dir)
         # Rerunning a finished run (here, in this process) does not train again.
-        again = run_cli(*TASK, f"--model_dir={model_dir}")
+        again = run_here(model_dir)
         self.assertIn("Already at step 60 of 60: not training.", again.stderr)
         self.assert_bit_identical(model_dir)
 
@@ -88,7 +98,7 @@ class ResumeTest(tf.test.TestCase):
         self.assertEqual(preempted.returncode, 42, preempted.stderr[-2000:])
         self.assertIn("trainer: Preempted (SIGTERM): saved step 35", preempted.stderr)
         self.assertEqual(tf.train.latest_checkpoint(model_dir), os.path.join(model_dir, "ckpt-35"))
-        resumed = run_process(model_dir)
+        resumed = run_here(model_dir)
         self.assertEqual(resumed.returncode, 0, resumed.stderr[-2000:])
         self.assert_bit_identical(model_dir)
 
@@ -99,7 +109,7 @@ class ResumeTest(tf.test.TestCase):
         preempted = run_process(model_dir, *flags, SIGTERM_AT_STEP="20")
         self.assertEqual(preempted.returncode, 42, preempted.stderr[-2000:])
         self.assertIn("with 2 replica(s)", preempted.stderr)
-        resumed = run_process(model_dir, *flags)
+        resumed = run_here(model_dir, *flags)
         self.assertEqual(resumed.returncode, 0, resumed.stderr[-2000:])
         self.assertIn("ckpt-25", resumed.stderr)
         self.assertIn("step 60", resumed.stderr)

@@ -46,8 +46,12 @@ def scalars(model_dir: str, tag: str) -> dict[int, float]:
 
 class ResumeTestCase(absltest.TestCase):
     def cli(self, *args: str, status: int = 0) -> CliResult:
-        """`python -m trainer ARGS` in this process: exit `status`, no traceback."""
-        result = run_cli(*args)
+        """`python -m trainer ARGS` in this process: exit `status`, no traceback.
+
+        Without XLA unless ARGS say otherwise: compiling the loop, which these tests do not
+        test (test_inputs and test_distribute do), would double a short run's time.
+        """
+        result = run_cli("--jit_compile=False", *args)
         self.assertEqual(result.returncode, status, context(result))
         self.assertNotIn("Traceback", result.stderr, context(result))
         return result

@@ -5,13 +5,16 @@ missing peer or a signal ends the wait for peers."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import numpy as np
 import tensorflow as tf
 from array_task import free_ports
+from cli_runner import context, run_cli
 
 from trainer.run.signals import StopSignals
 
@@ -19,7 +22,8 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 FIXTURES_DIR = os.path.join(TESTS_DIR, "fixtures")
 REPO_DIR = os.path.dirname(TESTS_DIR)
 TIMEOUT_S = 120  # then SIGKILL: a worker waiting for its peer inside TensorFlow ignores SIGTERM
-CLI = (sys.executable, "-m", "trainer", "--import=dist_plugin", "--task=dist_regression")
+TASK = ("--import=dist_plugin", "--task=dist_regression")
+CLI = (sys.executable, "-m", "trainer", *TASK)
 
 
 def _sigint_by_default():
@@ -90,7 +94,8 @@ def trainer_lines(log):
 
 class CtrlCTest(tf.test.TestCase):
     def test_ctrl_c_saves_at_the_next_boundary_exits_130_and_resumes(self):
-        """SIGINT at step 8 (loops of 2 steps): ckpt-10, one line, 130; a rerun ends at 40."""
+        """SIGINT at step 8 (loops of 2 steps): ckpt-10, one line, 130; a rerun (in this
+        process: its process is not what is tested) ends at 40."""
         out = self.create_tempdir().full_path
         model_dir = os.path.join(out, "run")
         flags = [f"--model_dir={model_dir}", "--eval_every=4", "--steps_per_loop=2",
@@ -107,9 +112,9 @@ class CtrlCTest(tf.test.TestCase):
         with open(os.path.join(model_dir, "results.json")) as f:  # written before the save
             self.assertEqual(json.load(f)["step"], 10)
 
-        rc, log = Cli(self, out, "resumed", *flags).wait()
-        self.assertEqual(rc, 0, log[-3000:])
-        self.assertIn(f"Restored {model_dir}/ckpt-10", log)
+        resumed = run_cli(*TASK, *flags)
+        self.assertEqual(resumed.returncode, 0, context(resumed))
+        self.assertIn(f"Restored {model_dir}/ckpt-10", resumed.stderr)
         with open(os.path.join(model_dir, "results.json")) as f:
             self.assertEqual(json.load(f)["step"], 40)
 
@@ -204,23 +209,23 @@ class WorkersTest(tf.test.TestCase):
                 self.assertAllEqual(got, want, msg=name)
 
     def test_a_missing_peer_ends_the_wait_with_one_line(self):
-        """Worker 0 alone, and worker 1 alone (in other clusters), --peer_timeout=5: each
-        exits 75 within seconds, naming the other's address."""
-        out = self.create_tempdir().full_path
-        clusters = [free_ports(2), free_ports(2)]
-        flags = ["--strategy=multi_worker", "--peer_timeout=5"]
-        alone = [
-            Cli(self, out, f"alone{i}", *flags, TF_CONFIG=tf_config(clusters[i], i))
-            for i in range(2)
-        ]
-        for i, cli in enumerate(alone):
-            rc, log = cli.wait()
-            self.assertEqual(rc, 75, log[-3000:])
-            self.assertLess(cli.seconds, 60)
-            missing = f"worker {1 - i} at 127.0.0.1:{clusters[i][1 - i]}"
+        """Worker 0 alone, and worker 1 alone (in other clusters), --peer_timeout=1: each
+        exits 75, naming the other's address. In this process: the wait ends before any
+        strategy is made, and the missing peer's port is held bound but not listening, so that
+        nothing can answer there (a strategy made here would wait for it forever)."""
+        for i in range(2):
+            ports = free_ports(2)
+            with (
+                socket.socket() as held,
+                mock.patch.dict(os.environ, {"TF_CONFIG": tf_config(ports, i)}),
+            ):
+                held.bind(("127.0.0.1", ports[1 - i]))
+                result = run_cli(*TASK, "--strategy=multi_worker", "--peer_timeout=1")
+            self.assertEqual(result.returncode, 75, context(result))
+            missing = f"worker {1 - i} at 127.0.0.1:{ports[1 - i]}"
             self.assertEqual(
-                trainer_lines(log),
-                ["trainer: Other tasks did not start within `peer_timeout` (5 s): "
+                trainer_lines(result.stderr),
+                ["trainer: Other tasks did not start within `peer_timeout` (1 s): "
                  f"{missing}; start them, or check the addresses in TF_CONFIG."],
             )  # fmt: skip
 

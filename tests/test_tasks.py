@@ -246,7 +246,13 @@ class MnistTest(_TfdsTaskTest):
         """6 steps with a model_dir, a fresh Trainer resuming to 12 ≡ 12 steps straight:
         the in-memory batch order is a function of the step (deterministic ops)."""
         root = self.create_tempdir().full_path
-        opts = {"train_steps": 12, "checkpoint_every": 3, "deterministic": True}
+        # Without XLA: its compilation (three here) is not what is tested.
+        opts = {
+            "train_steps": 12,
+            "checkpoint_every": 3,
+            "deterministic": True,
+            "jit_compile": False,
+        }
 
         def train(model_dir, **overrides):
             # As in a fresh process: Keras numbers layer names per process, and a model_dir
