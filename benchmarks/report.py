@@ -64,6 +64,7 @@ COMPARISONS: tuple[Comparison, ...] = (
         Comparison(f"penalty {name[4:]} vs none (tapeloop_arrays)", name, "tapeloop_arrays", SEED)
         for name in ("pen_l2", "pen_selective_l2", "pen_decoupled_wd", "pen_l2+decoupled_wd")
     ),
+    Comparison("strength schedule: pen_l2_cosine vs pen_l2", "pen_l2_cosine", "pen_l2", SEED),
     *(
         Comparison(f"technique {name[5:]} vs off (tapeloop_arrays)", name, "tapeloop_arrays", SEED)
         for name in ("tech_cosine_warmup", "tech_clip", "tech_accumulate_2", "tech_ema",
