@@ -88,5 +88,31 @@ class AllTogetherTest(tf.test.TestCase):
             self.assertAllClose(got, want, rtol=1e-6, atol=1e-7)
 
 
+class SkippedStepTest(tf.test.TestCase):
+    def test_a_step_the_loss_scale_optimizer_skips_changes_nothing(self):
+        """mixed_float16, after an applied step (SWA took its first snapshot): with the loss
+        scale raised to 2¹²⁷ the next steps overflow and are skipped; each leaves the weights,
+        the SWA average and its count, and the scheduled strength (a function of the optimizer's
+        steps) as they were, bit for bit."""
+        task = make(mixed_precision="mixed_float16", swa_start=0, swa_every=1, deterministic=False)
+        swa = task.built.chain.stage(StochasticWeightAverage)
+        strength = task.penalties[0].strength("scale")
+        iterator = iter(task.train_dataset())
+        while int(task.optimizer.iterations) == 0:
+            task.train_loop.run(1, iterator)
+        self.assertEqual(int(swa.count.numpy()), 1)
+        state = lambda: [v.numpy() for v in [*task.model.variables, *swa.state_variables()]]  # noqa: E731
+        before = state()
+        task.optimizer.dynamic_scale.assign(2.0**127)  # gradients times 2¹²⁷ overflow
+        # Each attempt at the second step uses the schedule's value at step 1.
+        at_step_1 = 1e-3 + (1e-2 - 1e-3) * 0.5 * (1 + np.cos(np.pi / STEPS))
+        for _ in range(3):  # the scale halves at each skipped step
+            task.train_loop.run(1, iterator)
+            self.assertEqual(int(task.optimizer.iterations), 1)
+            for got, want in zip(state(), before, strict=True):
+                self.assertAllEqual(got, want)
+            self.assertAllClose(strength.numpy(), at_step_1, rtol=1e-6)
+
+
 if __name__ == "__main__":
     tf.test.main()
