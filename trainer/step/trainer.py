@@ -184,6 +184,15 @@ class Trainer(Hooks):
         """Returns a finite dataset of `(features, labels)` batches, or None for no evaluation."""
         return None
 
+    def stored_spec(self) -> Any:
+        """Returns the `(features, labels)` `tf.TensorSpec`s of a batch as stored, batch size
+        None: the export's default signature takes such features (`preprocess` turns them
+        into the model's inputs). By default `eval_dataset()`'s element spec, or
+        `train_dataset()`'s without one."""
+        dataset = self.eval_dataset()
+        spec = (dataset if dataset is not None else self.train_dataset()).element_spec
+        return tf.nest.map_structure(lambda s: tf.TensorSpec([None, *s.shape[1:]], s.dtype), spec)
+
     def compute_loss(self, labels: Any, outputs: Any) -> tf.Tensor:
         """Returns the per-example losses, shape `[batch]`. Required."""
         raise NotImplementedError(f"{type(self).__name__} must implement compute_loss().")
