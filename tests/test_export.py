@@ -18,8 +18,7 @@ import tensorflow_datasets as tfds
 from tasks.cifar10 import Cifar10
 from tasks.mnist import Mnist
 from tasks.synthetic import SyntheticRegression, make_data
-from trainer import TrainerOptions
-from trainer.run.export import export_saved_model
+from trainer import TrainerOptions, export_saved_model
 
 tfds.disable_progress_bar()
 
