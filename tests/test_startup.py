@@ -199,13 +199,15 @@ class CtrlCStagesTest(CliTestCase):
         self.assertIsNone(tf.train.latest_checkpoint(model_dir))
 
     def test_ctrl_c_during_the_export_keeps_the_last_step_and_a_rerun_exports(self):
-        """Interrupted in `model.export`: the line names the saved step and the partial
-        export; a rerun trains nothing, exports, and exits 0."""
+        """Interrupted while the SavedModel is written: the line names the saved step and
+        that the export folder keeps its previous export (none here: the folder is written
+        aside, then renamed); a rerun trains nothing, exports, and exits 0."""
         out = self.create_tempdir().full_path
         model_dir, export_dir = os.path.join(out, "run"), os.path.join(out, "export")
         flags = ("--import=cli_plugin", "--task=tiny_linear", f"--model_dir={model_dir}",
                  f"--export_dir={export_dir}")  # fmt: skip
-        with mock.patch.object(keras.Model, "export", side_effect=KeyboardInterrupt):
+        archive = type(keras.export.ExportArchive())
+        with mock.patch.object(archive, "write_out", side_effect=KeyboardInterrupt):
             result = run_cli(*flags)
         self.assertEqual(result.returncode, 130, context(result))
         self.assertNotIn("Traceback", result.stderr, context(result))
@@ -213,8 +215,10 @@ class CtrlCStagesTest(CliTestCase):
             last_line(result.stderr),
             "trainer: Interrupted (SIGINT) after the last step, while exporting and writing "
             f"results; step 20 is saved in {model_dir}: rerun to export; `export_dir` "
-            f"({export_dir}) may hold a partial export.",
+            f"({export_dir}) keeps its previous export, if any.",
         )
+        self.assertFalse(os.path.exists(os.path.join(export_dir, "saved_model.pb")))
+        self.assertEqual([n for n in os.listdir(out) if n.startswith("export.")], [])
         self.assertEqual(tf.train.latest_checkpoint(model_dir), f"{model_dir}/ckpt-20")
         with open(os.path.join(model_dir, "results.json")) as f:  # written before the export
             self.assertEqual(json.load(f)["step"], 20)

@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, `__getattr__`
     )
     from trainer.run.callbacks import Callback
     from trainer.run.controller import Controller, Preempted, TrainResult
+    from trainer.run.export import export_saved_model
     from trainer.step.groups import Freeze, LayerwiseLrDecay, LrMultiplier, ParamGroup
     from trainer.step.loop import TrainLoop
     from trainer.step.trainer import Trainer
@@ -80,6 +81,7 @@ _MODULES = {
     ),
     "trainer.run.callbacks": ("Callback",),
     "trainer.run.controller": ("Controller", "Preempted", "TrainResult"),
+    "trainer.run.export": ("export_saved_model",),
     "trainer.step.groups": ("Freeze", "LayerwiseLrDecay", "LrMultiplier", "ParamGroup"),
     "trainer.step.loop": ("TrainLoop",),
     "trainer.step.trainer": ("Trainer",),
@@ -109,6 +111,7 @@ __all__ = [
     "TrainerOptions",
     "UnitNorm",
     "WarmupSchedule",
+    "export_saved_model",
     "get_param_group",
     "get_penalty",
     "get_task",

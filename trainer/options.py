@@ -168,7 +168,8 @@ class TrainerOptions:
     export_dir: str | None = _option(
         None,
         CHECKPOINTS,
-        "write the trained model there as a SavedModel (model.export); a folder of its own, "
+        "write the evaluated model there as a SavedModel: signature serving_default takes data "
+        "as stored (through the task's preprocess), serve the model's inputs; a folder of its own, "
         "not model_dir itself (a subfolder such as <model_dir>/export is fine).",
     )
     deterministic: bool = _option(

@@ -118,7 +118,10 @@ class _Stage(Callback):
             else:
                 left = "nothing was saved (no model_dir)"
             if opts.export_dir:
-                left += f"; `export_dir` ({opts.export_dir}) may hold a partial export"
+                # A local export is written aside, then renamed (`run.export`); a URL in place.
+                url = "://" in opts.export_dir
+                kept = "may hold a partial export" if url else "keeps its previous export, if any"
+                left += f"; `export_dir` ({opts.export_dir}) {kept}"
             return f"after the last step, while exporting and writing results; {left}."
         if not self.runs_done:
             return "before the first step; nothing was trained."

@@ -18,6 +18,7 @@ from trainer.run import files, records, resume, summaries
 from trainer.run.agreement import start_from_chief
 from trainer.run.callbacks import CallbackList
 from trainer.run.checkpointing import Checkpointer
+from trainer.run.export import export_saved_model
 from trainer.run.hooks import Hooks, TaskHooks
 from trainer.run.keras_callbacks import as_callbacks
 from trainer.run.lock import RefreshLock, RunLock
@@ -330,7 +331,7 @@ class Controller:
 
             def export() -> None:
                 with trainer.evaluated_weights():
-                    trainer.model.export(opts.export_dir, verbose=False)
+                    export_saved_model(trainer, opts.export_dir)
 
             if not files.writing(
                 f"the best model to `export_dir` ({opts.export_dir!r})",

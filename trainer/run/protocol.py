@@ -88,6 +88,12 @@ class Runnable(Protocol):
     def train_dataset(self) -> tf.data.Dataset:
         """The training batches, repeated (unless the loop is `in_memory`)."""
 
+    def preprocess(self, features: Any, labels: Any) -> tuple[Any, Any]:
+        """A batch as the model takes it, from one as stored (the export runs it)."""
+
+    def stored_spec(self) -> Any:
+        """The `(features, labels)` specs of a batch as stored: the export's default input."""
+
     def distribute(self, dataset: tf.data.Dataset) -> Any:
         """`dataset` split across the strategy's replicas."""
 

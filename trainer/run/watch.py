@@ -12,6 +12,7 @@ from trainer.errors import ConfigError
 from trainer.run import files, records
 from trainer.run.callbacks import Callback
 from trainer.run.checkpointing import check_state_file
+from trainer.run.export import export_saved_model
 from trainer.run.protocol import Runnable
 from trainer.run.records import NUMBER, Optional, Record
 
@@ -141,7 +142,7 @@ class Watch(Callback):
         raw = [v.numpy() for v in model.variables]
         self._checkpoint().restore(latest).expect_partial()
         try:
-            model.export(export_dir, verbose=False)
+            export_saved_model(self.trainer, export_dir)
         finally:
             for variable, value in zip(model.variables, raw, strict=True):
                 variable.assign(value)

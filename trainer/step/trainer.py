@@ -63,7 +63,8 @@ class Trainer(Hooks):
     """Trains a Keras model with a GradientTape step and pluggable penalties.
 
     Subclass it for a task: implement `build_model`, `train_dataset` (or `train_arrays`) and
-    `compute_loss`; optionally `preprocess`, `eval_dataset`, `build_metrics`, `build_optimizer`.
+    `compute_loss`; optionally `preprocess`, `eval_dataset`, `build_metrics`, `build_optimizer`,
+    `stored_spec` (what the export's default signature takes).
     Register it with `@register_task("name")` to run it from the CLI. Hooks (`hooks.Hooks`):
     `on_loop_end`, `on_evaluate`, `on_train_end`.
 
@@ -177,12 +178,23 @@ class Trainer(Hooks):
 
         Applied in-graph to every batch trained on (`train_arrays`' or `train_dataset`'s,
         inside the step) and evaluated on: data stays compact (uint8 images), converted by batch.
+        The export's default signature runs it too, with zero labels: the features it returns
+        must not depend on the labels.
         """
         return features, labels
 
     def eval_dataset(self) -> tf.data.Dataset | None:
         """Returns a finite dataset of `(features, labels)` batches, or None for no evaluation."""
         return None
+
+    def stored_spec(self) -> Any:
+        """Returns the `(features, labels)` `tf.TensorSpec`s of a batch as stored, batch size
+        None: the export's default signature takes such features (`preprocess` turns them
+        into the model's inputs). By default `eval_dataset()`'s element spec, or
+        `train_dataset()`'s without one."""
+        dataset = self.eval_dataset()
+        spec = (dataset if dataset is not None else self.train_dataset()).element_spec
+        return tf.nest.map_structure(lambda s: tf.TensorSpec([None, *s.shape[1:]], s.dtype), spec)
 
     def compute_loss(self, labels: Any, outputs: Any) -> tf.Tensor:
         """Returns the per-example losses, shape `[batch]`. Required."""
