@@ -465,11 +465,16 @@ class Controller:
         if result.eval:
             result.history.append({"step": step, **result.eval, **_gap_entries(result)})
         callbacks.on_evaluate(step, result.eval)
+        if result.gap:  # below the eval line
+            self.progress.message(
+                f"train slice at step {step}  {format_losses(result.train_eval)}  "
+                f"gap (train - eval): {format_losses(result.gap)}"
+            )
         result.best = self.watch.best
 
     def _evaluate_train_slice(self, step: int, result: TrainResult) -> None:
         """With `train_eval_examples`: the training slice's evaluation and the gap into
-        `result`, to TensorBoard (`train_eval/<k>`, `gap/<k>`) and the progress lines."""
+        `result` and to TensorBoard (`train_eval/<k>`, `gap/<k>`)."""
         if not self.options.train_eval_examples or not result.eval:
             return
         result.train_eval = self._timed(self.trainer.evaluate_train_slice, "eval_sec")
@@ -479,7 +484,6 @@ class Controller:
         writer = self.trainer.train_loop.writer
         if writer is not None:
             summaries.write_scalars(writer, step, _gap_entries(result))
-        self.progress.message(f"train slice at step {step}  {format_losses(result.train_eval)}")
 
     def _save(self, checkpointer: Checkpointer, step: int) -> str:
         """Saves a checkpoint at `step`, timed; a failed write is one `WriteError` line."""
