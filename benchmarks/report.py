@@ -69,7 +69,7 @@ COMPARISONS: tuple[Comparison, ...] = (
         Comparison(f"technique {name[5:]} vs off (tapeloop_arrays)", name, "tapeloop_arrays", SEED)
         for name in ("tech_cosine_warmup", "tech_clip", "tech_accumulate_2", "tech_ema",
                      "tech_sam", "tech_asam",
-                     "tech_swa", "tech_param_groups")
+                     "tech_swa", "tech_param_groups", "tech_train_metrics")
     ),
     *(
         Comparison(f"diagnostic {name} vs hand_loop_100", name, "hand_loop_100", SEED, True)

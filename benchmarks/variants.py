@@ -383,6 +383,16 @@ GROUPS = (
         lambda: [LrMultiplier(0.1, include="kernel"), Freeze(include="bias")],
     ),
 )
+
+
+class MetricsBenchTask(ArraysBenchTask):
+    """`ArraysBenchTask` with an accuracy metric: with `train_eval_examples`, streamed in
+    the loop (the cost of the training metrics; the slice's evaluation is an evaluation's)."""
+
+    def build_metrics(self):
+        return {"accuracy": keras.metrics.SparseCategoricalAccuracy()}
+
+
 # The diagnostic hand loops: hand_loop_100 plus tapeloop's extra work, each row adding its
 # `HandLoop` extra to the previous row's.
 HAND_DIAGNOSTICS = (
@@ -431,6 +441,10 @@ def variants_for(w: Workload, diagnostics: bool) -> list[Variant]:
             Tapeloop(name, w, param_groups=make, group="technique", task=ArraysBenchTask)
             for name, make in GROUPS
         ]
+        variants.append(
+            Tapeloop("tech_train_metrics", w, options={"train_eval_examples": 1024},
+                     group="technique", task=MetricsBenchTask)
+        )  # fmt: skip
     if diagnostics and w.diagnostics and w.name != "cnn":
         variants += [
             HandArraysXla("hand_arrays_xla_loss", w, per_call=spc, track_loss=True,

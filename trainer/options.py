@@ -95,6 +95,14 @@ class TrainerOptions:
         "the end.",
         recorded=True,
     )
+    train_eval_examples: int = _option(
+        0,
+        LOOP,
+        "0 (the default) is off. N > 0: at every evaluation, also evaluate on the first N training "
+        "examples (a fixed slice; preprocess, no augmentation, the evaluated weights: EMA/SWA when "
+        "on) and report the gap (train - eval) of the loss and each metric; and measure the task's "
+        "metrics while training (train/<metric>, streamed over each loop).",
+    )
     model_dir: str | None = _option(
         None,
         CHECKPOINTS,
@@ -327,7 +335,13 @@ class TrainerOptions:
         self._check_floats()
         for name in ("batch_size", "train_steps", "steps_per_loop"):
             check_integer(name, getattr(self, name), 1)
-        for name in ("eval_every", "checkpoint_every", "summary_every", "peer_timeout"):
+        for name in (
+            "eval_every",
+            "train_eval_examples",
+            "checkpoint_every",
+            "summary_every",
+            "peer_timeout",
+        ):
             check_integer(name, getattr(self, name), 0)
         check_integer("seed", self.seed, 0, 2**32 - 1)
         check_positive("learning_rate", self.learning_rate)

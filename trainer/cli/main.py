@@ -268,6 +268,8 @@ def main(argv: list[str]) -> None:
         f"{result.first_loop_sec:.1f} s first loop (tracing, compiling)\n"
         f"  train (last loop): {format_losses(result.train)}\n"
         f"  eval: {format_losses(result.eval) or '(no eval dataset)'}"
+        + (f"\n  train slice: {format_losses(result.train_eval)}" if result.gap else "")
+        + (f"\n  gap (train - eval): {format_losses(result.gap)}" if result.gap else "")
     )
 
 

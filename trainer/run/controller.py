@@ -23,7 +23,7 @@ from trainer.run.hooks import Hooks, TaskHooks
 from trainer.run.keras_callbacks import as_callbacks
 from trainer.run.lock import RefreshLock, RunLock
 from trainer.run.profiling import Profile
-from trainer.run.progress import Progress, ShowProgress
+from trainer.run.progress import Progress, ShowProgress, format_losses
 from trainer.run.protocol import Runnable
 from trainer.run.rollback import Rollback
 from trainer.run.signals import INTERRUPTED_EXIT_STATUS, StopSignals
@@ -122,6 +122,10 @@ class TrainResult:
       rollbacks: the rollbacks `on_nonfinite=rollback` made in this run.
       eval_sec: the evaluations' total time (`Trainer.evaluate`).
       checkpoint_sec: the checkpoints' total time (saving them).
+      train_eval: the latest evaluation on the training slice (`train_eval_examples`),
+        with the same keys as `eval`; empty when off.
+      gap: `train_eval[k] - eval[k]` for each key of both; empty when off. The history's
+        entries then also hold `train_eval/<k>` and `gap/<k>`.
     """
 
     step: int
@@ -136,6 +140,8 @@ class TrainResult:
     rollbacks: int = 0
     eval_sec: float = 0.0  # last: the fields before keep their positions
     checkpoint_sec: float = 0.0
+    train_eval: dict[str, float] = dataclasses.field(default_factory=dict)
+    gap: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a dict (what `results.json` holds)."""
@@ -160,6 +166,8 @@ RESULTS_SCHEMA = records.Record(
         "stopped_early": bool,
         "best": records.Optional(_EVALUATION),
         "rollbacks": int,
+        "train_eval": records.METRICS,
+        "gap": records.METRICS,
     },
     required=("step",),
 )
@@ -454,10 +462,29 @@ class Controller:
     def _evaluate(self, step: int, result: TrainResult, callbacks: CallbackList) -> None:
         """Evaluates at `step` into `result` (its history, the best), and tells the callbacks."""
         result.eval = self._timed(self.trainer.evaluate, "eval_sec")
+        self._evaluate_train_slice(step, result)
         if result.eval:
-            result.history.append({"step": step, **result.eval})
+            result.history.append({"step": step, **result.eval, **_gap_entries(result)})
         callbacks.on_evaluate(step, result.eval)
+        if result.gap:  # below the eval line
+            self.progress.message(
+                f"train slice at step {step}  {format_losses(result.train_eval)}  "
+                f"gap (train - eval): {format_losses(result.gap)}"
+            )
         result.best = self.watch.best
+
+    def _evaluate_train_slice(self, step: int, result: TrainResult) -> None:
+        """With `train_eval_examples`: the training slice's evaluation and the gap into
+        `result` and to TensorBoard (`train_eval/<k>`, `gap/<k>`)."""
+        if not self.options.train_eval_examples or not result.eval:
+            return
+        result.train_eval = self._timed(self.trainer.evaluate_train_slice, "eval_sec")
+        result.gap = {
+            k: result.train_eval[k] - v for k, v in result.eval.items() if k in result.train_eval
+        }
+        writer = self.trainer.train_loop.writer
+        if writer is not None:
+            summaries.write_scalars(writer, step, _gap_entries(result))
 
     def _save(self, checkpointer: Checkpointer, step: int) -> str:
         """Saves a checkpoint at `step`, timed; a failed write is one `WriteError` line."""
@@ -588,15 +615,27 @@ def _continued(previous: dict[str, Any] | None, step: int) -> TrainResult:
         step, history=[h for h in previous.get("history", []) if h["step"] <= step]
     )
     if previous["step"] == step:
-        for name in ("train", "eval", "steps_per_sec", "first_loop_sec", "eval_sec",
-                     "checkpoint_sec", "input_wait_share"):  # fmt: skip
+        for name in ("train", "eval", "train_eval", "gap", "steps_per_sec", "first_loop_sec",
+                     "eval_sec", "checkpoint_sec", "input_wait_share"):  # fmt: skip
             if previous.get(name) is not None:
                 setattr(result, name, previous[name])
     return result
 
 
+def _gap_entries(result: TrainResult) -> dict[str, float]:
+    """`train_eval/<k>` and `gap/<k>`, for the history and TensorBoard."""
+    return {
+        **{f"train_eval/{k}": v for k, v in result.train_eval.items()},
+        **{f"gap/{k}": v for k, v in result.gap.items()},
+    }
+
+
 def _check_finite(logs: dict[str, float], step: int) -> None:
-    bad = [name for name, value in logs.items() if name != "loss" and not math.isfinite(value)]
+    bad = [
+        name
+        for name, value in logs.items()
+        if name != "loss" and not name.startswith("train/") and not math.isfinite(value)
+    ]
     if bad or not math.isfinite(logs.get("loss", 0.0)):
         raise FloatingPointError(
             f"Non-finite loss at step {step}: "

@@ -100,6 +100,9 @@ class Runnable(Protocol):
     def evaluate(self) -> dict[str, float]:
         """The held-out metrics; empty without an eval dataset."""
 
+    def evaluate_train_slice(self) -> dict[str, float]:
+        """The same metrics on the fixed training slice; empty when `train_eval_examples` is 0."""
+
     def penalty_table(self) -> str:
         """What covers each trainable variable, for TensorBoard's text tab."""
 

@@ -84,8 +84,9 @@ def write_hparams(writer: tf.summary.SummaryWriter, hparams: dict[str, Any], tri
 
 
 class WriteScalars(Callback):
-    """Writes `steps_per_sec` after each loop and `eval/<metric>` after each evaluation to the
-    loop's TensorBoard writer, when it has one (the per-step scalars are the loop's own).
+    """Writes `steps_per_sec` (and `train/<metric>`, the training metrics streamed over the
+    loop, when on) after each loop and `eval/<metric>` after each evaluation to the loop's
+    TensorBoard writer, when it has one (the per-step scalars are the loop's own).
 
     Args:
       loop: the compiled loop, whose `writer` is used.
@@ -97,7 +98,8 @@ class WriteScalars(Callback):
 
     def on_loop_end(self, step: int, logs: dict[str, float]) -> None:
         if self.loop.writer is not None:
-            write_scalars(self.loop.writer, step, {"steps_per_sec": self.rate()})
+            streamed = {k: v for k, v in logs.items() if k.startswith("train/")}
+            write_scalars(self.loop.writer, step, {"steps_per_sec": self.rate(), **streamed})
 
     def on_evaluate(self, step: int, metrics: dict[str, float]) -> None:
         if self.loop.writer is not None and metrics:

@@ -31,6 +31,8 @@ class Gradients(Stage):
       optimizer: the optimizer (its loss scale, if any).
       variables: the trainable variables, in the gradients' order.
       accumulate_steps: micro-batches per optimizer step, ≥ 1.
+      record: whether the step's own pass (each micro-batch, not SAM's second pass) asks
+        `compute_losses` to update the training metrics (`record=True`).
     """
 
     phase = "gradients"
@@ -41,11 +43,13 @@ class Gradients(Stage):
         optimizer: keras.optimizers.Optimizer,
         variables: Sequence[Any],
         accumulate_steps: int = 1,
+        record: bool = False,
     ):
         self.compute_losses = compute_losses
         self.optimizer = optimizer
         self.variables = list(variables)
         self.accumulate_steps = accumulate_steps
+        self.record = record
         self.loss_scaled = is_loss_scaled(optimizer)
 
     def describe(self) -> str:
@@ -53,19 +57,23 @@ class Gradients(Stage):
         return f"gradients (accumulate_steps={k})" if k > 1 else "gradients"
 
     def __call__(self, state: StepState) -> None:
-        state.gradients, state.losses = self.compute(state.batch)
+        state.gradients, state.losses = self.compute(state.batch, self.record)
 
-    def compute(self, batch: Any) -> tuple[list[Any], list[tf.Tensor]]:
+    def compute(self, batch: Any, record: bool = False) -> tuple[list[Any], list[tf.Tensor]]:
         """The gradients (loss-scaled, if so) and the loss breakdown of `batch` at the
-        variables' current values; `SharpnessAware` calls it again at the perturbed weights."""
+        variables' current values; `SharpnessAware` calls it again at the perturbed weights
+        (without `record`: those outputs are not the step's)."""
+        recording = {"record": True} if record else {}
         if self.accumulate_steps > 1:
-            return self._accumulate(batch)
+            return self._accumulate(batch, recording)
         with tf.GradientTape() as tape:
-            losses = self.compute_losses(*batch)
+            losses = self.compute_losses(*batch, **recording)
             loss = self.optimizer.scale_loss(losses[0]) if self.loss_scaled else losses[0]
         return tape.gradient(loss, self.variables, upstream_after(losses[2:])), losses
 
-    def _accumulate(self, batch: Any) -> tuple[list[Any], list[tf.Tensor]]:
+    def _accumulate(
+        self, batch: Any, recording: dict[str, bool]
+    ) -> tuple[list[Any], list[tf.Tensor]]:
         """Gradients summed over the micro-batches, and the whole batch's loss breakdown."""
         k = self.accumulate_steps
         features, labels = batch
@@ -79,7 +87,7 @@ class Gradients(Stage):
         for i in range(k):
             f, l_ = tf.nest.pack_sequence_as((features, labels), [s[i] for s in splits])
             with tf.GradientTape() as tape:
-                _, data, *terms = self.compute_losses(f, l_)
+                _, data, *terms = self.compute_losses(f, l_, **recording)
                 loss = data / k
                 if i == 0:
                     penalty = tf.nn.scale_regularization_loss(tf.add_n(terms)) if terms else 0.0

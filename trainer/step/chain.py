@@ -143,7 +143,13 @@ def build_chain(
     before = [(p, v) for p, v in selections if p.has_update]
     after = [(p, v) for p, v in selections if p.has_project]
     ema = options.ema_decay
-    gradients = Gradients(compute_losses, optimizer, variables, options.accumulate_steps)
+    gradients = Gradients(
+        compute_losses,
+        optimizer,
+        variables,
+        options.accumulate_steps,
+        record=bool(getattr(options, "train_eval_examples", 0)),  # training metrics
+    )
     rho = options.sam_rho
     swa = None
     if options.swa_every:

@@ -129,11 +129,12 @@ class TrainLoop:
           iterator: the batches, unless `in_memory`.
 
         Returns:
-          The mean loss breakdown over the steps run (by `built.loss_names`), and the step
-          reached. If XLA was chosen automatically and cannot compile the loop, it is run
-          again without XLA, with a warning. With a writer, a call longer than
-          `min(steps_per_loop, train_steps)` (the options changed) retraces the loop with a
-          larger summary buffer.
+          The mean loss breakdown over the steps run (by `built.loss_names`), then
+          `train/<metric>` for each of `built.train_metrics` (streamed over this call's
+          steps), and the step reached. If XLA was chosen automatically and cannot compile
+          the loop, it is run again without XLA, with a warning. With a writer, a call longer
+          than `min(steps_per_loop, train_steps)` (the options changed) retraces the loop
+          with a larger summary buffer.
         """
         if self.writer is not None and num_steps > self._row_steps:  # options changed since
             self._row_steps = num_steps
@@ -142,7 +143,7 @@ class TrainLoop:
             self._make(xla=self._xla)
         steps = tf.constant(num_steps, tf.int32)
         try:
-            means, step, wait = self._loop_fn(iterator, steps)
+            means, step, wait, *metrics = self._loop_fn(iterator, steps)
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as e:
             if not (self._xla and self.options.jit_compile is None):
                 raise
@@ -151,10 +152,12 @@ class TrainLoop:
                 str(e).strip().splitlines()[0][:300],
             )
             self._make(xla=False)
-            means, step, wait = self._loop_fn(iterator, steps)
+            means, step, wait, *metrics = self._loop_fn(iterator, steps)
         self._input_wait_s = float(wait) if self._timed else None
         names = self.built.loss_names
-        return {name: float(v) for name, v in zip(names, means.numpy())}, int(step)
+        logs = {name: float(v) for name, v in zip(names, means.numpy())}
+        logs.update((f"train/{k}", float(v)) for k, v in zip(self.built.train_metrics, metrics))
+        return logs, int(step)
 
     def _make(self, xla: bool) -> None:
         self._xla = xla and not self._eager
@@ -164,13 +167,18 @@ class TrainLoop:
 
     def _loop(self, iterator: Any, num_steps: tf.Tensor) -> tuple[tf.Tensor, ...]:
         """The steps, then the TensorBoard rows they recorded (outside XLA); returns the mean
-        loss breakdown, the step and the seconds waited for input: one read-back per loop."""
+        loss breakdown, the step and the seconds waited for input, then the training metrics'
+        results over these steps (reset first): one read-back per loop."""
+        train_metrics = self.built.train_metrics.values()
+        for metric in train_metrics:
+            metric.reset_state()
         sums, done, wait, rows, row_steps, count = self._steps_fn(iterator, num_steps)
         if self.writer is not None:
             with self.writer.as_default():
                 summaries.write_rows(self._tags, rows, row_steps, count)
         means = sums / tf.maximum(tf.cast(done, tf.float32), 1.0)
-        return means, self.built.step_counter.read_value(), wait
+        results = [tf.cast(m.result(), tf.float32) for m in train_metrics]
+        return means, self.built.step_counter.read_value(), wait, *results
 
     def _steps(self, iterator: Any, num_steps: tf.Tensor) -> tuple[tf.Tensor, ...]:
         """The while_loop: batches from `iterator`, or in-graph from the in-memory data.

@@ -43,6 +43,8 @@ class Built:
       step_counter: the optimizer steps done (an int64 variable).
       replica_step: one step on one replica's batch as stored (preprocess, then the chain).
       eval_step: one evaluation batch -> `[loss sum, examples]` (updates `metrics`).
+      train_metrics: the task's metrics again, measured while training (streamed over each
+        loop, per replica) when `options.train_eval_examples` is on; else empty.
     """
 
     model: keras.Model
@@ -57,6 +59,7 @@ class Built:
     step_counter: tf.Variable
     replica_step: Callable[[Any], list[tf.Tensor]]
     eval_step: Callable[[Any], tf.Tensor]
+    train_metrics: dict[str, keras.metrics.Metric] = dataclasses.field(default_factory=dict)
 
 
 class Trainer(Hooks):
@@ -129,6 +132,7 @@ class Trainer(Hooks):
         # The engine's parts, in name-mangled slots that a task's own fields cannot clash with.
         self.__built: Built | None = None
         self.__loop: TrainLoop | None = None
+        self.__train_slice: tf.data.Dataset | None = None
 
     @classmethod
     def make_options(cls, **overrides: Any) -> TrainerOptions:
@@ -264,6 +268,8 @@ class Trainer(Hooks):
                 groups=groups,
             )
             step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+            # Updated inside the replicas: made under the scope, their sums reduce across them.
+            train_metrics = self.build_metrics() if opts.train_eval_examples else {}
         covered = coverage(selections, optimizer, trainable)  # checks decays
         covered += group_coverage(groups)
         loss_penalties = [(p, v) for p, v in selections if p.has_loss]
@@ -288,6 +294,7 @@ class Trainer(Hooks):
             step_counter=step_counter,
             replica_step=lambda batch: self.train_step(self.preprocess(*batch)),
             eval_step=tf.function(self._evaluate_batch) if use_function else self._evaluate_batch,
+            train_metrics=train_metrics,
         )
         logging.info(
             "%s on %s with %d replica(s); penalty coverage:\n%s",
@@ -373,13 +380,20 @@ class Trainer(Hooks):
 
     # ---- the step ----------------------------------------------------------------------
 
-    def compute_losses(self, features: Any, labels: Any, training: bool = True) -> list[tf.Tensor]:
+    def compute_losses(
+        self, features: Any, labels: Any, training: bool = True, record: bool = False
+    ) -> list[tf.Tensor]:
         """The loss breakdown in `built.loss_names` order: total, data loss, each penalty term.
 
-        Call it under a `GradientTape`: the total is what gradients are taken of.
+        Call it under a `GradientTape`: the total is what gradients are taken of. With
+        `record`, the outputs also update `built.train_metrics` (the step's own pass, not
+        SAM's second one).
         """
         built = self.built
         outputs = _float32(built.model(features, training=training))
+        if record:
+            for metric in built.train_metrics.values():
+                metric.update_state(labels, tf.stop_gradient(outputs))
         per_example = tf.cast(self.compute_loss(labels, outputs), tf.float32)
         if per_example.shape.rank != 1:
             raise ValueError(
@@ -427,6 +441,30 @@ class Trainer(Hooks):
         results = {"loss": float(loss_sum / max(count, 1.0))}
         results.update({k: float(m.result()) for k, m in built.metrics.items()})
         return results
+
+    def train_slice(self) -> tf.data.Dataset | None:
+        """The first `options.train_eval_examples` training examples as stored, in batches of
+        at most `batch_size`: from `train_arrays`, else from a new `train_dataset()`, read
+        once and kept, so that every evaluation sees the same examples. None when off."""
+        n = self.options.train_eval_examples
+        if not n:
+            return None
+        if self.__train_slice is None:
+            arrays = self.train_arrays()
+            if arrays is not None:
+                first = tf.nest.map_structure(lambda a: a[:n], arrays)
+            else:
+                first = next(iter(self.train_dataset().unbatch().batch(n).take(1)))
+                first = tf.nest.map_structure(lambda t: t.numpy(), first)
+            examples = tf.data.Dataset.from_tensor_slices(first)
+            self.__train_slice = examples.batch(self.options.batch_size)
+        return self.__train_slice
+
+    def evaluate_train_slice(self) -> dict[str, float]:
+        """`evaluate` on `train_slice()` (data loss and metrics, with the evaluated weights);
+        empty when `options.train_eval_examples` is 0."""
+        dataset = self.train_slice()
+        return {} if dataset is None else self.evaluate(dataset)
 
     def distribute(self, dataset: tf.data.Dataset) -> Any:
         """`dataset` (global batches) split across the strategy's replicas."""
