@@ -41,7 +41,8 @@ class Built:
       metrics: the task's evaluation metrics by name.
       loss_names: the loss breakdown's names: `loss`, `data_loss`, `penalty/<name>`, ...
       step_counter: the optimizer steps done (an int64 variable).
-      replica_step: one step on one replica's batch as stored (preprocess, then the chain).
+      replica_step: one step on one replica's batch as stored (preprocess, augment, then the
+        chain).
       eval_step: one evaluation batch -> `[loss sum, examples]` (updates `metrics`).
     """
 
@@ -63,7 +64,8 @@ class Trainer(Hooks):
     """Trains a Keras model with a GradientTape step and pluggable penalties.
 
     Subclass it for a task: implement `build_model`, `train_dataset` (or `train_arrays`) and
-    `compute_loss`; optionally `preprocess`, `eval_dataset`, `build_metrics`, `build_optimizer`.
+    `compute_loss`; optionally `preprocess`, `augment`, `eval_dataset`, `build_metrics`,
+    `build_optimizer`.
     Register it with `@register_task("name")` to run it from the CLI. Hooks (`hooks.Hooks`):
     `on_loop_end`, `on_evaluate`, `on_train_end`.
 
@@ -125,9 +127,24 @@ class Trainer(Hooks):
                 raise ConfigError(f"`param_groups` must hold ParamGroup objects, got {g!r}.")
         self.param_groups = list(param_groups)
         self.callbacks = check_callbacks(callbacks)
+        self._check_augment_options()
         # The engine's parts, in name-mangled slots that a task's own fields cannot clash with.
         self.__built: Built | None = None
         self.__loop: TrainLoop | None = None
+
+    def _check_augment_options(self) -> None:
+        """Refuses `label_smoothing` and `mixup_alpha` for a task whose `augment` is the
+        default: nothing would apply them."""
+        if type(self).augment is not Trainer.augment:
+            return
+        for name in ("label_smoothing", "mixup_alpha"):
+            value = getattr(self.options, name)
+            if value:
+                raise ConfigError(
+                    f"`{name}` ({value!r}) is not supported by task {type(self).__name__}: its "
+                    "`augment` hook is the default, which applies no data regularization "
+                    "(mnist and cifar10 apply it)."
+                )
 
     @classmethod
     def make_options(cls, **overrides: Any) -> TrainerOptions:
@@ -177,6 +194,22 @@ class Trainer(Hooks):
 
         Applied in-graph to every batch trained on (`train_arrays`' or `train_dataset`'s,
         inside the step) and evaluated on: data stays compact (uint8 images), converted by batch.
+        """
+        return features, labels
+
+    def augment(self, features: Any, labels: Any) -> tuple[Any, Any]:
+        """Returns a training batch with data regularization applied; by default, unchanged.
+
+        Applied in-graph to training batches only, after `preprocess`, on each replica's
+        share of the global batch (with accumulation, to the whole share before it is split
+        into micro-batches); never to evaluation batches. For random draws, use stateless ops
+        seeded by `augment_seed()`: a function of `options.seed`, the optimizer step and the
+        replica, so that a resumed run draws what an uninterrupted one would.
+
+        The options `label_smoothing` and `mixup_alpha` are applied by the tasks that override
+        this hook (mnist and cifar10, with `trainer.augment.augment_classification`); a task
+        that does not override it refuses them. An override returns the batch unchanged, with
+        no op added, when its options are off.
         """
         return features, labels
 
@@ -274,7 +307,7 @@ class Trainer(Hooks):
                 + (["keras_regularizers"] if model.losses else [])
             ),
             step_counter=step_counter,
-            replica_step=lambda batch: self.train_step(self.preprocess(*batch)),
+            replica_step=self._replica_step,
             eval_step=tf.function(self._evaluate_batch) if use_function else self._evaluate_batch,
         )
         logging.info(
@@ -381,6 +414,23 @@ class Trainer(Hooks):
         penalty = tf.add_n(terms) if terms else tf.constant(0.0)
         total = data_loss + tf.nn.scale_regularization_loss(penalty)
         return [total, data_loss, *terms]
+
+    def augment_seed(self) -> tf.Tensor:
+        """The stateless seed of this training step, for `augment`'s random ops: `[seed,
+        step]` (`options.seed`, the optimizer's `iterations`, restored on resume), then, under
+        a strategy with several replicas, folded with the replica's id so that each replica
+        draws its own. An int64 tensor `[2]`; call it in-graph, inside `augment`.
+        """
+        step = tf.cast(self.built.optimizer.iterations, tf.int64)
+        seed = tf.stack([tf.constant(self.options.seed, tf.int64), step])
+        if self.strategy.num_replicas_in_sync > 1:
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            seed = tf.random.experimental.stateless_fold_in(seed, replica)
+        return seed
+
+    def _replica_step(self, batch: Any) -> list[tf.Tensor]:
+        """One step on this replica's batch as stored: `preprocess`, `augment`, `train_step`."""
+        return self.train_step(self.augment(*self.preprocess(*batch)))
 
     def train_step(self, batch: Any) -> list[tf.Tensor]:
         """One optimizer step on this replica's share of `batch` (preprocessed); returns the
