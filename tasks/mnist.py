@@ -9,8 +9,7 @@ import keras
 import tensorflow as tf
 
 from tasks import tfds_data
-from trainer import Trainer, read_to_memory, register_task
-from trainer.augment import augment_classification
+from trainer import Trainer, augment_classification, read_to_memory, register_task
 
 
 def scale_pixels(images: tf.Tensor) -> tf.Tensor:

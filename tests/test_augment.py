@@ -120,7 +120,9 @@ def reference_log_gamma(num, seed, alpha):
     """Marsaglia and Tsang's Gamma(α+1) in NumPy, the first of 16 candidates accepted, times
     U^(1/α); the normals and uniforms drawn by TensorFlow's stateless Philox ops, as in
     `trainer.augment.stateless_log_gamma`."""
-    normal_seed, uniform_seed, boost_seed = tf.random.experimental.stateless_split(seed, 3, "philox")
+    normal_seed, uniform_seed, boost_seed = tf.random.experimental.stateless_split(
+        seed, 3, "philox"
+    )
     draw = lambda op, shape, s: op(shape, s, dtype=tf.float64, alg="philox").numpy()  # noqa: E731
     x = draw(tf.random.stateless_normal, [16, num], normal_seed)
     u = draw(tf.random.stateless_uniform, [16, num], uniform_seed)

@@ -75,8 +75,9 @@ def mixup_draws(batch_size: Any, alpha: float, seed: tf.Tensor) -> tuple[tf.Tens
     """mixup's random draws for one batch: λ ~ Beta(α, α) and a permutation of the batch.
 
     Stateless: the same `seed` (and its dtype) gives the same draws, eagerly and in a graph;
-    under XLA, the same draws on every call, though not those of TensorFlow's kernels. λ is `g₁/(g₁+g₂)` with `g₁, g₂ ~ Gamma(α)` (`stateless_log_gamma`); the
-    permutation is the argsort of uniform draws (`stateless_shuffle` has no XLA kernel).
+    under XLA, the same draws on every call, though not those of TensorFlow's kernels. λ is
+    `g₁/(g₁+g₂)` with `g₁, g₂ ~ Gamma(α)` (`stateless_log_gamma`); the permutation is the
+    argsort of uniform draws (`stateless_shuffle` has no XLA kernel).
 
     Args:
       batch_size: examples in the batch (an int or a scalar tensor).
@@ -93,9 +94,7 @@ def mixup_draws(batch_size: Any, alpha: float, seed: tf.Tensor) -> tuple[tf.Tens
     return lam, perm
 
 
-def mixup(
-    features: Any, labels: tf.Tensor, alpha: float, seed: tf.Tensor
-) -> tuple[Any, tf.Tensor]:
+def mixup(features: Any, labels: tf.Tensor, alpha: float, seed: tf.Tensor) -> tuple[Any, tf.Tensor]:
     """mixup (Zhang et al. 2018, "mixup: Beyond Empirical Risk Minimization"), batch mode.
 
     One λ ~ Beta(α, α) for the whole batch (as the paper and timm's `mode='batch'`), and one

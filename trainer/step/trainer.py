@@ -425,7 +425,7 @@ class Trainer(Hooks):
         seed = tf.stack([tf.constant(self.options.seed, tf.int64), step])
         if self.strategy.num_replicas_in_sync > 1:
             replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-            seed = tf.random.experimental.stateless_fold_in(seed, replica)
+            seed = tf.random.experimental.stateless_fold_in(seed, replica, alg="philox")
         return seed
 
     def _replica_step(self, batch: Any) -> list[tf.Tensor]:
