@@ -247,6 +247,14 @@ class OnlyTrainingBatchesTest(tf.test.TestCase):
 
 
 class BuiltinTasksTest(tf.test.TestCase):
+    """mnist and cifar10 on mocked TFDS records; one mnist run with both options is shared."""
+
+    @classmethod
+    def options(cls, **kwargs):
+        defaults = {"train_steps": 2, "batch_size": 8, "steps_per_loop": 2,
+                    "data_dir": cls.data_dir}  # fmt: skip
+        return TrainerOptions(**{**defaults, **kwargs})
+
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
@@ -255,33 +263,27 @@ class BuiltinTasksTest(tf.test.TestCase):
         stack = contextlib.ExitStack()
         cls.addClassCleanup(stack.close)
         stack.enter_context(tfds.testing.mock_data(num_examples=32))
+        cls.mnist = Mnist(cls.options(label_smoothing=0.3, mixup_alpha=ALPHA))
+        cls.result = cls.mnist.train()
 
-    def options(self, **kwargs):
-        defaults = {"train_steps": 2, "batch_size": 8, "steps_per_loop": 2,
-                    "data_dir": self.data_dir}  # fmt: skip
-        return TrainerOptions(**{**defaults, **kwargs})
+    def test_mnist_trains_with_the_options_under_xla(self):
+        """mnist trains with label smoothing and mixup, its in-memory loop compiled with XLA
+        by default (the draws have XLA kernels), with finite losses."""
+        self.assertEqual(self.result.step, 2)
+        self.assertTrue(self.mnist.train_loop.xla)
+        self.assertTrue(np.isfinite(self.mnist.train_loop.run(1)[0]["loss"]))
 
-    def test_mnist_and_cifar10_train_with_the_options(self):
-        """Both tasks train (mnist in memory, under XLA by default) with label smoothing and
-        mixup, with finite losses."""
-        for task_cls in (Mnist, Cifar10):
-            with self.subTest(task=task_cls.__name__):
-                task = task_cls(self.options(label_smoothing=EPSILON, mixup_alpha=ALPHA))
-                result = task.train()
-                self.assertEqual(result.step, 2)
-                self.assertTrue(np.isfinite(task.train_loop.run(1)[0]["loss"]))
-                # The stateless draws compile: mnist's in-memory loop stays under XLA.
-                self.assertEqual(task.train_loop.xla, task_cls is Mnist)
+    def test_cifar10_trains_with_the_options(self):
+        task = Cifar10(self.options(label_smoothing=EPSILON, mixup_alpha=ALPHA))
+        self.assertEqual(task.train().step, 2)
+        self.assertTrue(np.isfinite(task.train_loop.run(1)[0]["loss"]))
 
     def test_evaluation_is_identical_with_and_without_augmentation(self):
         """The same weights evaluate to the same loss and accuracy, bit for bit, whatever the
         augmentation options (the eval loss stays the unsmoothed sparse cross-entropy)."""
-        # Without XLA: its compilation is not what is tested here.
-        augmented = Mnist(self.options(label_smoothing=0.3, mixup_alpha=ALPHA, jit_compile=False))
-        augmented.train()
-        plain = Mnist(self.options(jit_compile=False))
-        plain.model.set_weights(augmented.model.get_weights())
-        got, want = augmented.evaluate(), plain.evaluate()
+        plain = Mnist(self.options())
+        plain.model.set_weights(self.mnist.model.get_weights())
+        got, want = self.mnist.evaluate(), plain.evaluate()
         self.assertEqual(set(got), {"loss", "accuracy"})
         for name in got:
             self.assertAllEqual(got[name], want[name])
