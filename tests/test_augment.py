@@ -105,6 +105,7 @@ class LabelSmoothingTest(tf.test.TestCase):
         1e-6); ε/(K−1) instead of ε/K is what the wrong variant must not match."""
         task = ArrayClassifier(label_smoothing=EPSILON)
         initial = task.model.get_weights()
+        self.assertIn("techniques: label_smoothing=0.1, mixup_alpha=0", task.penalty_table())
         task.train()
         got = task.model.get_weights()
         for g, w in zip(got, self.train_reference(initial, lambda e: e), strict=True):
