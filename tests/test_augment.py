@@ -222,19 +222,24 @@ class MixupTest(tf.test.TestCase):
 class OnlyTrainingBatchesTest(tf.test.TestCase):
     def test_augment_runs_on_training_batches_only_and_off_adds_no_op(self):
         """A marking `augment` counts the examples it sees: the training steps' only, not
-        evaluation's; and with the options off the classification tasks' loop graph has as
-        many nodes as with the default hook."""
+        evaluation's; it sums the steps its seeds hold (each its own, inside the compiled
+        loop); and with the options off the classification tasks' loop graph has as many
+        nodes as with the default hook."""
         seen = tf.Variable(0, dtype=tf.int64, trainable=False)
+        seed_steps = tf.Variable(0, dtype=tf.int64, trainable=False)
 
         class Marking(PlainClassifier):
             def augment(self, features, labels):
                 seen.assign_add(tf.shape(labels, out_type=tf.int64)[0])
+                seed_steps.assign_add(self.augment_seed()[1])
                 return features, labels
 
         task = Marking(train_steps=4, steps_per_loop=2)
         task.train()
         task.evaluate()
         self.assertEqual(int(seen.numpy()), 4 * BATCH)
+        # Inside the compiled loop each step's seed holds its own step: 0 + 1 + 2 + 3.
+        self.assertEqual(int(seed_steps.numpy()), 0 + 1 + 2 + 3)
 
         def nodes(task):
             iterator = iter(task.train_dataset())
