@@ -9,7 +9,7 @@ import keras
 import tensorflow as tf
 
 from tasks import tfds_data
-from trainer import Trainer, read_to_memory, register_task
+from trainer import Trainer, augment_classification, read_to_memory, register_task
 
 
 def scale_pixels(images: tf.Tensor) -> tf.Tensor:
@@ -33,12 +33,17 @@ class Mnist(Trainer):
     it fits in `options.in_memory_fraction` of the RAM (`train_arrays`: batches gathered
     in-graph), else it comes through a tf.data pipeline; either way `preprocess` scales
     each batch inside the step.
+
+    With `label_smoothing` or `mixup_alpha`, `augment` turns the training batches' labels
+    into soft targets, and `compute_loss` takes those with a categorical cross-entropy;
+    evaluation keeps the integer labels and the sparse cross-entropy.
     """
 
     default_options: ClassVar[dict] = {"train_steps": 2000, "batch_size": 128, "eval_every": 1000}
     sweep_metric = ("accuracy", "max")
     dataset_name = "mnist"
     download_host = "storage.googleapis.com"
+    num_classes = 10
 
     def build_model(self) -> keras.Model:
         return keras.Sequential(
@@ -79,7 +84,21 @@ class Mnist(Trainer):
         """uint8 images `[batch, 28, 28, 1]` to float32 pixels in [0, 1], `[batch, 784]`."""
         return tf.reshape(scale_pixels(features), [-1, 784]), labels
 
+    def augment(self, features: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """`label_smoothing` and `mixup_alpha` (`augment_classification`); unchanged when off."""
+        return augment_classification(
+            features,
+            labels,
+            num_classes=self.num_classes,
+            label_smoothing=self.options.label_smoothing,
+            mixup_alpha=self.options.mixup_alpha,
+            seed=self.augment_seed,
+        )
+
     def compute_loss(self, labels: tf.Tensor, outputs: tf.Tensor) -> tf.Tensor:
+        """Sparse cross-entropy on integer labels; categorical on soft targets (`augment`)."""
+        if labels.dtype.is_floating:
+            return keras.losses.categorical_crossentropy(labels, outputs, from_logits=True)
         return keras.losses.sparse_categorical_crossentropy(labels, outputs, from_logits=True)
 
     def build_metrics(self) -> dict[str, keras.metrics.Metric]:

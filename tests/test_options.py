@@ -14,7 +14,7 @@ RECORDED = {
     "batch_size", "seed", "steps_per_loop", "eval_every", "checkpoint_every", "summary_every",
     "train_steps", "lr_schedule", "warmup_steps", "end_learning_rate", "clip_global_norm",
     "accumulate_steps", "ema_decay", "early_stop_patience", "mixed_precision", "sam_rho",
-    "sam_adaptive", "swa_start", "swa_every", "swa_bn_batches",
+    "sam_adaptive", "swa_start", "swa_every", "swa_bn_batches", "label_smoothing", "mixup_alpha",
 }  # fmt: skip
 
 

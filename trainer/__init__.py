@@ -12,6 +12,13 @@ import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, `__getattr__` below
+    from trainer.augment import (
+        augment_classification,
+        mixup,
+        mixup_draws,
+        smooth_labels,
+        stateless_log_gamma,
+    )
     from trainer.cli.registry import (
         get_param_group,
         get_penalty,
@@ -50,6 +57,13 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, `__getattr__`
 
 # Each public name's module, in the order they are imported.
 _MODULES = {
+    "trainer.augment": (
+        "augment_classification",
+        "mixup",
+        "mixup_draws",
+        "smooth_labels",
+        "stateless_log_gamma",
+    ),
     "trainer.cli.registry": (
         "get_param_group",
         "get_penalty",
@@ -111,12 +125,15 @@ __all__ = [
     "TrainerOptions",
     "UnitNorm",
     "WarmupSchedule",
+    "augment_classification",
     "export_saved_model",
     "get_param_group",
     "get_penalty",
     "get_task",
     "learning_rate_for",
     "make_optimizer",
+    "mixup",
+    "mixup_draws",
     "param_group_names",
     "parse_param_group_spec",
     "parse_penalty_spec",
@@ -125,6 +142,8 @@ __all__ = [
     "register_param_group",
     "register_penalty",
     "register_task",
+    "smooth_labels",
+    "stateless_log_gamma",
     "task_names",
 ]
 

@@ -128,6 +128,23 @@ class TrainerOptions:
         "seeds Python, NumPy, TensorFlow and Keras for initialisation and shuffling.",
         recorded=True,
     )
+    label_smoothing: float = _option(
+        0.0,
+        DATA,
+        "for classification tasks (mnist, cifar10): train on soft targets onehot*(1-e) + e/K "
+        "(Keras' CategoricalCrossentropy(label_smoothing=e)); from 0 (off, the default) to below "
+        "1. Training batches only: evaluation is unchanged.",
+        recorded=True,
+    )
+    mixup_alpha: float = _option(
+        0.0,
+        DATA,
+        "for classification tasks (mnist, cifar10): mixup (Zhang et al. 2018) with one "
+        "lambda ~ Beta(alpha, alpha) per replica batch, mixing features and soft targets with a "
+        "permutation of the batch, drawn from (seed, optimizer step); non-negative, 0 (the "
+        "default) is off. Training batches only: evaluation is unchanged.",
+        recorded=True,
+    )
     use_tf_function: bool = _option(
         True,
         LOOP,
@@ -400,6 +417,11 @@ class TrainerOptions:
         if ema >= 1:
             raise ConfigError(f"`ema_decay` ({self.ema_decay!r}) must be from 0 (off) to below 1.")
         check_non_negative("sam_rho", self.sam_rho)
+        if check_non_negative("label_smoothing", self.label_smoothing) >= 1:
+            raise ConfigError(
+                f"`label_smoothing` ({self.label_smoothing!r}) must be from 0 (off) to below 1."
+            )
+        check_non_negative("mixup_alpha", self.mixup_alpha)
         if self.sam_adaptive and not self.sam_rho:
             raise ConfigError("`sam_adaptive` (True) needs `sam_rho` above 0.")
         check_integer("swa_every", self.swa_every, 0)

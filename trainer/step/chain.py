@@ -189,6 +189,11 @@ def techniques_line(options: Any) -> str:
             f"lr_schedule={o.lr_schedule} (warmup {o.warmup_steps} steps to "
             f"{o.learning_rate:g}, {o.end_learning_rate:g} at step {o.train_steps})"
         )
+    if o.label_smoothing or o.mixup_alpha:  # applied by the task's `augment`
+        parts.append(
+            f"label_smoothing={o.label_smoothing:g}, mixup_alpha={o.mixup_alpha:g} "
+            "(training batches only)"
+        )
     if o.sam_rho:
         name = "asam" if o.sam_adaptive else "sam"
         parts.append(f"{name}_rho={o.sam_rho:g} (two gradient passes per step)")

@@ -41,7 +41,8 @@ class Built:
       metrics: the task's evaluation metrics by name.
       loss_names: the loss breakdown's names: `loss`, `data_loss`, `penalty/<name>`, ...
       step_counter: the optimizer steps done (an int64 variable).
-      replica_step: one step on one replica's batch as stored (preprocess, then the chain).
+      replica_step: one step on one replica's batch as stored (preprocess, augment, then the
+        chain).
       eval_step: one evaluation batch -> `[loss sum, examples]` (updates `metrics`).
       train_metrics: the task's metrics again, measured while training (streamed over each
         loop, per replica) when `options.train_eval_examples` is on; else empty.
@@ -66,8 +67,8 @@ class Trainer(Hooks):
     """Trains a Keras model with a GradientTape step and pluggable penalties.
 
     Subclass it for a task: implement `build_model`, `train_dataset` (or `train_arrays`) and
-    `compute_loss`; optionally `preprocess`, `eval_dataset`, `build_metrics`, `build_optimizer`,
-    `stored_spec` (what the export's default signature takes).
+    `compute_loss`; optionally `preprocess`, `augment`, `eval_dataset`, `build_metrics`,
+    `build_optimizer`, `stored_spec` (what the export's default signature takes).
     Register it with `@register_task("name")` to run it from the CLI. Hooks (`hooks.Hooks`):
     `on_loop_end`, `on_evaluate`, `on_train_end`.
 
@@ -129,10 +130,25 @@ class Trainer(Hooks):
                 raise ConfigError(f"`param_groups` must hold ParamGroup objects, got {g!r}.")
         self.param_groups = list(param_groups)
         self.callbacks = check_callbacks(callbacks)
+        self._check_augment_options()
         # The engine's parts, in name-mangled slots that a task's own fields cannot clash with.
         self.__built: Built | None = None
         self.__loop: TrainLoop | None = None
         self.__train_slice: tf.data.Dataset | None = None
+
+    def _check_augment_options(self) -> None:
+        """Refuses `label_smoothing` and `mixup_alpha` for a task whose `augment` is the
+        default: nothing would apply them."""
+        if type(self).augment is not Trainer.augment:
+            return
+        for name in ("label_smoothing", "mixup_alpha"):
+            value = getattr(self.options, name)
+            if value:
+                raise ConfigError(
+                    f"`{name}` ({value!r}) is not supported by task {type(self).__name__}: its "
+                    "`augment` hook is the default, which applies no data regularization "
+                    "(mnist and cifar10 apply it)."
+                )
 
     @classmethod
     def make_options(cls, **overrides: Any) -> TrainerOptions:
@@ -184,6 +200,22 @@ class Trainer(Hooks):
         inside the step) and evaluated on: data stays compact (uint8 images), converted by batch.
         The export's default signature runs it too, with zero labels: the features it returns
         must not depend on the labels.
+        """
+        return features, labels
+
+    def augment(self, features: Any, labels: Any) -> tuple[Any, Any]:
+        """Returns a training batch with data regularization applied; by default, unchanged.
+
+        Applied in-graph to training batches only, after `preprocess`, on each replica's
+        share of the global batch (with accumulation, to the whole share before it is split
+        into micro-batches); never to evaluation batches. For random draws, use stateless ops
+        seeded by `augment_seed()`: a function of `options.seed`, the optimizer step and the
+        replica, so that a resumed run draws what an uninterrupted one would.
+
+        The options `label_smoothing` and `mixup_alpha` are applied by the tasks that override
+        this hook (mnist and cifar10, with `trainer.augment.augment_classification`); a task
+        that does not override it refuses them. An override returns the batch unchanged, with
+        no op added, when its options are off.
         """
         return features, labels
 
@@ -292,7 +324,7 @@ class Trainer(Hooks):
                 + (["keras_regularizers"] if model.losses else [])
             ),
             step_counter=step_counter,
-            replica_step=lambda batch: self.train_step(self.preprocess(*batch)),
+            replica_step=self._replica_step,
             eval_step=tf.function(self._evaluate_batch) if use_function else self._evaluate_batch,
             train_metrics=train_metrics,
         )
@@ -387,13 +419,19 @@ class Trainer(Hooks):
 
         Call it under a `GradientTape`: the total is what gradients are taken of. With
         `record`, the outputs also update `built.train_metrics` (the step's own pass, not
-        SAM's second one).
+        SAM's second one); with `label_smoothing` or `mixup_alpha`, against the soft labels'
+        dominant class.
         """
         built = self.built
         outputs = _float32(built.model(features, training=training))
         if record:
+            targets = labels
+            if self.options.label_smoothing or self.options.mixup_alpha:
+                # The metrics take the labels as stored (class ids, as in evaluation): the
+                # soft targets' dominant class, the true class under smoothing alone.
+                targets = tf.argmax(labels, axis=-1, output_type=tf.int64)
             for metric in built.train_metrics.values():
-                metric.update_state(labels, tf.stop_gradient(outputs))
+                metric.update_state(targets, tf.stop_gradient(outputs))
         per_example = tf.cast(self.compute_loss(labels, outputs), tf.float32)
         if per_example.shape.rank != 1:
             raise ValueError(
@@ -407,6 +445,23 @@ class Trainer(Hooks):
         penalty = tf.add_n(terms) if terms else tf.constant(0.0)
         total = data_loss + tf.nn.scale_regularization_loss(penalty)
         return [total, data_loss, *terms]
+
+    def augment_seed(self) -> tf.Tensor:
+        """The stateless seed of this training step, for `augment`'s random ops: `[seed,
+        step]` (`options.seed`, the optimizer's `iterations`, restored on resume), then, under
+        a strategy with several replicas, folded with the replica's id so that each replica
+        draws its own. An int64 tensor `[2]`; call it in-graph, inside `augment`.
+        """
+        step = tf.cast(self.built.optimizer.iterations, tf.int64)
+        seed = tf.stack([tf.constant(self.options.seed, tf.int64), step])
+        if self.strategy.num_replicas_in_sync > 1:
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            seed = tf.random.experimental.stateless_fold_in(seed, replica, alg="philox")
+        return seed
+
+    def _replica_step(self, batch: Any) -> list[tf.Tensor]:
+        """One step on this replica's batch as stored: `preprocess`, `augment`, `train_step`."""
+        return self.train_step(self.augment(*self.preprocess(*batch)))
 
     def train_step(self, batch: Any) -> list[tf.Tensor]:
         """One optimizer step on this replica's share of `batch` (preprocessed); returns the
