@@ -404,9 +404,10 @@ def grid_table(
     diverged = sum(1 for r in results if r["diverged"])
     seed_text = f"seeds {seeds[0]}..{seeds[-1]}" if len(seeds) > 1 else f"seed {seeds[0]}"
     lines.append(
-        f"mean ± sample sd (ddof=1) over {seed_text}, diverged runs left out ({diverged} of "
-        f"{len(results)}); {mode} is best; within 1 sd: |mean - best mean| <= the best's sd."
+        f"mean ± sample sd (ddof=1) over {seed_text}; {diverged} of {len(results)} runs "
+        "diverged, left out."
     )
+    lines.append(f"{mode} is best; within 1 sd: |mean - best mean| <= the best point's sd.")
     if rows and rows[0].mark == "best" and rows[0].export_dirs:
         best = ",".join(f"{n}={rows[0].point[n]:g}" for n in names)
         lines.append(f"best: {best}, exported to {', '.join(rows[0].export_dirs)}")
