@@ -164,7 +164,8 @@ def run_sweep(
     by the loop). Strengths, the learning rate and the data seed are variables, so the train
     step is traced once. Every value is checked, and the grid's size against `max_trials`,
     before the first run. A run that diverges (`train()` raises `FloatingPointError`) is
-    recorded as such and the sweep goes on.
+    recorded as such and the sweep goes on. Afterwards the model holds the last trial's
+    weights; the options, the data seed and the learning rate are set back.
 
     With one axis and no `seeds`, each run writes to `<model_dir>/<penalty>.<attribute>=<value>`
     (its TensorBoard scalars, HParams and checkpoints); with several axes the folder names
@@ -210,6 +211,8 @@ def run_sweep(
     if base.export_dir and trainer.is_chief:
         files.writable_dir("export_dir", base.export_dir)  # before the first run, not after
     batches = trainer.train_loop.batches
+    rate = learning_rate_variable(trainer.optimizer)
+    rate = None if rate is None else float(rate.numpy())  # set back after a rate's sweep
     results = []
     try:
         for point in itertools.product(*(s.values for s in specs)):
@@ -236,6 +239,8 @@ def run_sweep(
         trainer.options = base
         if batches is not None:
             batches.seed = base.seed
+        if None in targets:
+            set_learning_rate(trainer.optimizer, rate)
     if not grid:
         return results, _table(specs[0], results, metric, mode)
     return results, grid_table(specs, results, metric, mode, seed_list)
