@@ -22,7 +22,7 @@ from cli_runner import CliTestCase, context, last_line, run_cli, run_cli_process
 
 from trainer.options import SECTIONS, TrainerOptions, option_help, option_sections
 
-COMMAND_FLAGS = ("task", "penalty", "param_group", "import", "describe", "sweep")
+COMMAND_FLAGS = ("task", "penalty", "param_group", "import", "describe", "sweep", "sweep_seeds")
 
 
 def tapeloop_script() -> str | None:

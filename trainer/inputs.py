@@ -30,7 +30,8 @@ class InMemoryBatches:
     Args:
       arrays: a nest of arrays (or tensors) with the same first dimension, e.g. `(x, y)`.
       batch_size: examples per batch.
-      seed: the shuffle seed.
+      seed: the shuffle seed, in [0, 2**32); it lives in a variable read by the graph, so
+        assigning `seed` (a sweep's next seed) changes the order without retracing.
 
     Raises:
       ConfigError: the arrays' first dimensions differ, or hold fewer than `batch_size`
@@ -54,12 +55,23 @@ class InMemoryBatches:
             )
         self.batch_size = batch_size
         self.steps_per_epoch = self.size // batch_size
-        self.seed = seed
         self._order = tf.Variable(tf.range(self.size, dtype=tf.int32), trainable=False)
         self._order_epoch = tf.Variable(-1, dtype=tf.int64, trainable=False)
+        self._seed = tf.Variable(seed % 2**32, dtype=tf.int64, trainable=False, name="seed")
 
-    def shuffle(self, positions: tf.Tensor, epoch: tf.Tensor) -> tf.Tensor:
-        """`perm_epoch[positions]`: the examples at `positions` (int, in [0, size)) of `epoch`.
+    @property
+    def seed(self) -> int:
+        """The shuffle seed; set it to reorder the data without retracing the loop."""
+        return int(self._seed.numpy())
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        self._seed.assign(value % 2**32)
+        self._order_epoch.assign(-1)  # the cached order was the old seed's
+
+    def shuffle(self, positions: tf.Tensor, epoch: tf.Tensor, seed: Any = None) -> tf.Tensor:
+        """`perm_epoch[positions]`: the examples at `positions` (int, in [0, size)) of `epoch`
+        (under `seed`, by default the `seed` variable's value when the graph runs).
 
         `perm_epoch` is a 4-round Feistel network on the `k`-bit integers (`2^k ≥ size`),
         its round keys hashed from `(seed, epoch, round)`, restricted to `[0, size)` by cycle
@@ -75,7 +87,7 @@ class InMemoryBatches:
         def u32(value: Any) -> tf.Tensor:
             return tf.cast(value, tf.uint32)
 
-        salt = _mix(xor(_mix(u32(self.seed % 2**32)), u32(epoch)))
+        salt = _mix(xor(_mix(u32(self._seed if seed is None else seed)), u32(epoch)))
         keys = [_mix(xor(salt, u32(r + 1))) for r in range(_ROUNDS)]
 
         def feistel(x: tf.Tensor) -> tf.Tensor:
@@ -136,9 +148,12 @@ class InMemoryBatches:
     def dataset(self) -> tf.data.Dataset:
         """The same batches, in the same order, as a `tf.data.Dataset` (for strategies)."""
         arrays = tf.nest.map_structure(tf.constant, self._numpy)
+        seed = self.seed  # a constant: an iterator that reads a variable cannot be saved
 
         def epoch(index: tf.Tensor) -> tf.data.Dataset:
-            order = tf.data.Dataset.from_tensor_slices(self.permutation(index))
+            order = tf.data.Dataset.from_tensor_slices(
+                self.shuffle(tf.range(self.size), index, seed)
+            )
             return order.batch(self.batch_size, drop_remainder=True)
 
         return (

@@ -5,6 +5,7 @@ internals."""
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import keras
@@ -13,6 +14,10 @@ import tensorflow as tf
 from trainer.errors import ConfigError, check_choice
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad", "nadam")
+
+# Each optimizer's rate at step 0, in a variable (see `initial_learning_rate`); not an attribute
+# of the optimizer, which would track it among its own variables and checkpoints.
+_INITIAL_RATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def inner(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
@@ -143,13 +148,37 @@ def check_optimizer(optimizer: keras.optimizers.Optimizer, options: Any, owner: 
         )
 
 
-def initial_learning_rate(optimizer: keras.optimizers.Optimizer) -> tf.Tensor:
-    """The learning rate at step 0: the base of the paper's schedule multiplier η_t."""
-    lr = inner(optimizer)._learning_rate  # the schedule or the variable, before evaluation
-    if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
-        # A warmup starts at 0: its peak, the options' learning_rate, is the base.
-        lr = getattr(lr, "peak_learning_rate", None) or lr(0)
-    return tf.cast(tf.convert_to_tensor(lr), tf.float32)
+def initial_learning_rate(optimizer: keras.optimizers.Optimizer) -> tf.Variable:
+    """The learning rate at step 0: the base of the paper's schedule multiplier η_t.
+
+    One variable per optimizer, shared by its callers and read when the graph runs, so that
+    `set_learning_rate` (a sweep's next rate) moves it with the rate without retracing.
+    """
+    optimizer = inner(optimizer)
+    if optimizer not in _INITIAL_RATES:
+        lr = optimizer._learning_rate  # the schedule or the variable, before evaluation
+        if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
+            # A warmup starts at 0: its peak, the options' learning_rate, is the base.
+            lr = getattr(lr, "peak_learning_rate", None) or lr(0)
+        value = tf.cast(tf.convert_to_tensor(lr), tf.float32)
+        _INITIAL_RATES[optimizer] = tf.Variable(value, trainable=False, name="initial_lr")
+    return _INITIAL_RATES[optimizer]
+
+
+def set_learning_rate(optimizer: keras.optimizers.Optimizer, value: float) -> None:
+    """Sets a constant learning rate, and the base of η_t with it, without retracing.
+
+    Raises:
+      ConfigError: the optimizer follows a schedule (its rate is no variable to assign).
+    """
+    variable = learning_rate_variable(optimizer)
+    if variable is None:
+        raise ConfigError(
+            f"learning_rate={value:g} cannot be set: the optimizer follows a schedule "
+            "(lr_schedule or warmup_steps); sweep the learning rate with a constant one."
+        )
+    variable.assign(value)
+    initial_learning_rate(optimizer).assign(value)
 
 
 def learning_rate_variable(optimizer: keras.optimizers.Optimizer) -> Any | None:

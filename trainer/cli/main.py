@@ -12,7 +12,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from trainer.cli import registry
-from trainer.cli.sweep import parse_sweep, run_sweep
+from trainer.cli.sweep import MAX_TRIALS, check_grid, parse_sweep, run_sweep
 from trainer.distribution import PeerTimeout
 from trainer.errors import ConfigError
 from trainer.options import CHOICES, TrainerOptions, option_help, option_sections
@@ -47,10 +47,18 @@ _IMPORT = flags.DEFINE_multi_string(
 _DESCRIBE = flags.DEFINE_bool(
     "describe", False, "Print which variables each penalty covers (and which none), then exit."
 )
-_SWEEP = flags.DEFINE_string(
+_SWEEP = flags.DEFINE_multi_string(
     "sweep",
+    [],
+    "Train one run per value of a penalty strength or the learning rate, e.g. "
+    "'selective_l2.scale=1e-5,1e-4,1e-3' or 'learning_rate=1e-3,1e-2'; repeat the flag for a "
+    f"grid (every combination; at most {MAX_TRIALS} runs with the seeds).",
+)
+_SWEEP_SEEDS = flags.DEFINE_integer(
+    "sweep_seeds",
     None,
-    "Train one run per value of a penalty strength, e.g. 'selective_l2.scale=1e-5,1e-4,1e-3'.",
+    "Repeat each --sweep point over this many seeds (seed, seed+1, ...: new initial weights and "
+    "data order each); the table gives mean ± sd per point.",
 )
 
 
@@ -172,7 +180,9 @@ def usage() -> str:
 
     absl's and TensorFlow's flags are left to `--helpfull`.
     """
-    command = [h.name for h in (_TASK, _PENALTY, _PARAM_GROUP, _IMPORT, _DESCRIBE, _SWEEP)]
+    command = [
+        h.name for h in (_TASK, _PENALTY, _PARAM_GROUP, _IMPORT, _DESCRIBE, _SWEEP, _SWEEP_SEEDS)
+    ]
     sections = {"command": command, **option_sections()}
     parts = [_USAGE]
     for section, names in sections.items():
@@ -232,7 +242,9 @@ def main(argv: list[str]) -> None:
     if flags.FLAGS["verbosity"].using_default_value:
         logging.set_verbosity(logging.INFO)
     try:
-        sweep = parse_sweep(_SWEEP.value) if _SWEEP.value else None
+        sweep = [parse_sweep(spec) for spec in _SWEEP.value]
+        if sweep or _SWEEP_SEEDS.value is not None:  # the grid's size, before anything is built
+            check_grid(sweep, 1 if _SWEEP_SEEDS.value is None else _SWEEP_SEEDS.value)
         trainer = build_trainer()
         _STAGE.trainer, _STAGE.where = trainer, "training"
         trainer.callbacks = [*trainer.callbacks, _STAGE]
@@ -243,11 +255,13 @@ def main(argv: list[str]) -> None:
             describe(trainer)
             return
         if sweep:
-            results, table = run_sweep(trainer, sweep)
+            axes = sweep[0] if len(sweep) == 1 else sweep  # one axis: today's table
+            results, table = run_sweep(trainer, axes, _SWEEP_SEEDS.value)
             _STAGE.where = "after training"
             print(table)
             if all(r["diverged"] for r in results):
-                print(f"trainer: every run of --sweep={_SWEEP.value} diverged.", file=sys.stderr)
+                given = " ".join(f"--sweep={spec}" for spec in _SWEEP.value)
+                print(f"trainer: every run of {given} diverged.", file=sys.stderr)
                 sys.exit(1)
             return
         result = trainer.train()

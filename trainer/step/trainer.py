@@ -404,6 +404,14 @@ class Trainer(Hooks):
         for variable, value in zip(self._state_variables(), values, strict=True):
             variable.assign(value)
 
+    def initial_model_values(self, seed: int) -> list[Any]:
+        """The values of `model.variables` as a fresh build with `options.seed = seed` starts
+        them (a sweep's seeds): `build_model()` under `keras.utils.set_random_seed(seed)`,
+        outside the traced step. Leaves the global random seed at `seed`."""
+        keras.utils.set_random_seed(seed)
+        model = _build_model_with_policy(self)
+        return [v.numpy() for v in model.variables]
+
     def evaluated_weights(self) -> contextlib.AbstractContextManager:
         """A context within which the model holds the weights evaluated and exported: the
         EMA's with `ema_decay`, SWA's (BatchNorm recalibrated) with `swa_every`, else the
