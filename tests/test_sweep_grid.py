@@ -166,6 +166,31 @@ class TrialTest(tf.test.TestCase):
         )
 
 
+class CompiledSweepTest(tf.test.TestCase):
+    def test_an_xla_loop_is_compiled_once_for_every_run(self):
+        """The default task's in-memory loop under XLA, swept over 2 × 2 trials with a
+        model_dir: each run writes its own TensorBoard rows, while the compiled steps are
+        traced (and compiled) once; only the outer loop, which holds the writer, is made
+        again per run."""
+        from tasks.synthetic import SyntheticRegression
+
+        model_dir = self.create_tempdir().full_path
+        options = {"train_steps": 20, "steps_per_loop": 10, "summary_every": 10,
+                   "model_dir": model_dir}  # fmt: skip
+        task = SyntheticRegression(SyntheticRegression.make_options(**options), penalties=[L2(0.0)])
+        run_sweep(task, parse_sweep("l2.scale=0,1e-2"), seeds=2)
+        self.assertTrue(task.train_loop.xla)
+        self.assertEqual(task.train_loop.trace_counts()["steps"], 1)
+        self.assertEqual(task.train_loop.trace_counts()["step"], 1)
+        for value in ("0", "0.01"):
+            for seed in (0, 1):
+                run_dir = os.path.join(model_dir, f"l2.scale={value},seed={seed}")
+                accumulator = event_accumulator.EventAccumulator(run_dir)
+                accumulator.Reload()
+                steps = [e.step for e in accumulator.Tensors("loss/total")]
+                self.assertEqual(steps, [10, 20], run_dir)
+
+
 class LimitsTest(tf.test.TestCase):
     def test_a_grid_above_the_limit_is_refused_before_training(self):
         model_dir = os.path.join(self.create_tempdir().full_path, "runs")

@@ -170,10 +170,10 @@ class TrainerLoopTest(parameterized.TestCase, tf.test.TestCase):
         """Loops of 4, 4 and 2 steps and a new λ all run from one trace."""
         task = self.make_task(train_steps=10, steps_per_loop=4)
         task.train()
-        self.assertEqual(task.train_loop.trace_counts(), {"step": 1, "loop": 1})
+        self.assertEqual(task.train_loop.trace_counts(), {"step": 1, "loop": 1, "steps": 0})
         task.penalties[0].scale = 0.5
         means, _ = task.train_loop.run(3, iter(task.train_dataset()))
-        self.assertEqual(task.train_loop.trace_counts(), {"step": 1, "loop": 1})
+        self.assertEqual(task.train_loop.trace_counts(), {"step": 1, "loop": 1, "steps": 0})
         self.assertGreater(means["penalty/selective_l2"], 0)
 
     def test_result_breakdown_and_evaluation(self):

@@ -79,6 +79,7 @@ class TrainLoop:
         # The most steps one call records summary rows for, which sizes the row buffer: no
         # loop runs past `train_steps`, however large `steps_per_loop` is.
         self._row_steps = min(options.steps_per_loop, options.train_steps)
+        self._earlier_steps_traces = 0  # of the compiled steps' functions made before this one
         self._make(xla=self.in_memory and use_xla(options.jit_compile, built.model))
 
     @property
@@ -98,12 +99,13 @@ class TrainLoop:
         return self._xla
 
     def trace_counts(self) -> dict[str, int]:
-        """How often the step and the loop were traced (0 when running eagerly)."""
+        """How often the step and the loop were traced (0 when running eagerly), and the
+        XLA-compiled steps of an in-memory loop, summed over the functions made for them (0
+        without XLA: the steps are then traced within the loop)."""
         return {
-            name: fn.experimental_get_tracing_count()
-            if hasattr(fn, "experimental_get_tracing_count")
-            else 0
-            for name, fn in (("step", self._step_fn), ("loop", self._loop_fn))
+            "step": _traces(self._step_fn),
+            "loop": _traces(self._loop_fn),
+            "steps": self._earlier_steps_traces + _traces(self._steps_fn),
         }
 
     def concrete_function(self, iterator: Any = None) -> Any:
@@ -114,11 +116,17 @@ class TrainLoop:
         """Writes TensorBoard scalars to `directory` (None: none); True if a writer was made."""
         if not self.options.summary_every or directory == self._writer_dir:
             return False
-        if self.writer is not None:
+        recording = self.writer is not None
+        if recording:
             self.writer.close()
         self._writer_dir = directory
         self.writer = tf.summary.create_file_writer(directory) if directory else None
-        self._make(xla=self._xla)
+        if recording and self.writer is not None and not self._eager:
+            # Another directory (a sweep's next run): only the outer function, which captures
+            # the writer, is made again; the steps (under XLA, compiled) are the same.
+            self._loop_fn = tf.function(self._loop)
+        else:
+            self._make(xla=self._xla)
         return self.writer is not None
 
     def run(self, num_steps: int, iterator: Any = None) -> tuple[dict[str, float], int]:
@@ -160,6 +168,7 @@ class TrainLoop:
         return logs, int(step)
 
     def _make(self, xla: bool) -> None:
+        self._earlier_steps_traces += _traces(getattr(self, "_steps_fn", None))
         self._xla = xla and not self._eager
         self._timed = not self.in_memory and not tf_config.is_op_determinism_enabled()
         self._steps_fn = tf.function(self._steps, jit_compile=True) if self._xla else self._steps
@@ -269,6 +278,12 @@ class TrainLoop:
             strategy.reduce(sum_, data, axis=None),
             *(strategy.reduce(mean, t, axis=None) for t in terms),
         ]
+
+
+def _traces(fn: Any) -> int:
+    """How often the `tf.function` `fn` was traced; 0 for a plain function (or None)."""
+    count = getattr(fn, "experimental_get_tracing_count", None)
+    return count() if count else 0
 
 
 def _timed_next(iterator: Any, after: tf.Tensor) -> tuple[Any, tf.Tensor]:
