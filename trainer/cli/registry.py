@@ -76,7 +76,8 @@ def register_param_group(name: str) -> Callable[[type], type]:
     """Class decorator: registers a `ParamGroup` subclass under `name` for `--param_group` specs.
 
     Args:
-      name: the call name used in specs, e.g. `"freeze"` for `--param_group="freeze(include='emb')"`.
+      name: the call name used in specs, e.g. `"freeze"` for
+        `--param_group="freeze(include='emb')"`.
 
     Returns:
       A decorator that returns the class unchanged.
