@@ -19,6 +19,7 @@ import tensorflow as tf
 from absl.testing import absltest, parameterized
 from cli_runner import FIXTURES_DIR, REPO_DIR, CliTestCase, context, last_line, run_cli
 
+from trainer.run import controller
 from trainer.step.trainer import Trainer
 
 TIMEOUT_S = 120
@@ -227,6 +228,49 @@ class CtrlCStagesTest(CliTestCase):
         self.assertEqual(result.returncode, 0, context(result))
         self.assertIn("Already at step 20 of 20: not training.", result.stderr)
         self.assertTrue(os.path.exists(os.path.join(export_dir, "saved_model.pb")))
+
+    @parameterized.named_parameters(
+        ("before_the_first_step", (controller, "start_from_chief"),
+         "before the first step; nothing was trained."),
+        ("after_training", (controller.Controller, "_write_results"),
+         "after training; the run is complete."),
+    )  # fmt: skip
+    def test_a_ctrl_c_python_drops_still_ends_the_run(self, target, where):
+        """A real SIGINT handled inside a `__del__` (TensorFlow runs many as its objects are
+        collected): Python cannot raise its KeyboardInterrupt there and drops it, printing
+        `Exception ignored`. The run still ends with 130 and the stage's line, not after
+        training to the end with 0: before training where the loop would begin (the likely
+        cause of a CI run in which a SIGINT right after the build went unseen and 100,000
+        steps trained), at the end after it."""
+        model_dir = os.path.join(self.create_tempdir().full_path, "run")
+
+        class SignalledWhileCollected:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGINT)
+                sum(range(100))  # bytecodes after it: the handler runs here, in `__del__`
+
+        owner, name = target
+        original, calls = getattr(owner, name), []
+
+        def signalled(*args, **kwargs):
+            calls.append(name)
+            SignalledWhileCollected()  # collected at once
+            return original(*args, **kwargs)
+
+        with mock.patch.object(owner, name, signalled):
+            result = run_cli(
+                "--import=cli_plugin", "--task=tiny_linear", f"--model_dir={model_dir}"
+            )
+        self.assertTrue(calls)
+        self.assertEqual(result.returncode, 130, context(result))
+        for text in ("Traceback", "Exception ignored", "KeyboardInterrupt"):
+            self.assertNotIn(text, result.stderr, context(result))
+        self.assertEqual(
+            last_line(result.stderr),
+            f"trainer: Interrupted (SIGINT) {where}",
+        )
+        trained = name == "_write_results"
+        self.assertEqual(tf.train.latest_checkpoint(model_dir) is not None, trained)
 
 
 if __name__ == "__main__":

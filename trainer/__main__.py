@@ -7,7 +7,11 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from trainer.run.signals import INTERRUPTED_EXIT_STATUS
+from trainer.run.signals import (
+    INTERRUPTED_EXIT_STATUS,
+    raise_dropped_interrupt,
+    remembered_interrupts,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -24,13 +28,16 @@ def main(argv: Sequence[str] | None = None) -> None:
       SystemExit: always, with the exit status (see `trainer.cli.main.run`).
     """
     try:
-        try:
-            from trainer.cli.main import run
-        except KeyboardInterrupt:
-            print("trainer: Interrupted (SIGINT) during start-up; nothing was trained.",
-                  file=sys.stderr)  # fmt: skip
-            sys.exit(INTERRUPTED_EXIT_STATUS)
-        run(argv)
+        with remembered_interrupts():  # one Python drops (`Exception ignored`) is not lost
+            try:
+                from trainer.cli.main import run
+
+                raise_dropped_interrupt()
+            except KeyboardInterrupt:
+                print("trainer: Interrupted (SIGINT) during start-up; nothing was trained.",
+                      file=sys.stderr)  # fmt: skip
+                sys.exit(INTERRUPTED_EXIT_STATUS)
+            run(argv)
     finally:  # a Ctrl-C while the process exits ends it at once, without a traceback
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 

@@ -20,7 +20,11 @@ from trainer.run import files
 from trainer.run.callbacks import Callback
 from trainer.run.controller import Preempted, TrainResult
 from trainer.run.progress import format_losses
-from trainer.run.signals import INTERRUPTED_EXIT_STATUS
+from trainer.run.signals import (
+    INTERRUPTED_EXIT_STATUS,
+    raise_dropped_interrupt,
+    remembered_interrupts,
+)
 from trainer.run.summaries import write_text
 from trainer.step.trainer import Trainer
 
@@ -306,7 +310,13 @@ def run(argv: Sequence[str] | None = None) -> None:
     global _STAGE
     _STAGE = _Stage()
     try:
-        app.run(main, argv=None if argv is None else list(argv), flags_parser=_parse_flags)
+        with remembered_interrupts():  # one Python drops (`Exception ignored`) is not lost
+            try:
+                app.run(main, argv=None if argv is None else list(argv), flags_parser=_parse_flags)
+            except SystemExit as e:
+                if not e.code:  # a Ctrl-C dropped after training, at the very end
+                    raise_dropped_interrupt()
+                raise
     except KeyboardInterrupt:
         print(f"trainer: Interrupted (SIGINT) {_STAGE.interrupted()}", file=sys.stderr)
         sys.exit(INTERRUPTED_EXIT_STATUS)

@@ -2,15 +2,75 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 # What a shell reports for a process ended by Ctrl-C; the CLI's status after a SIGINT.
 INTERRUPTED_EXIT_STATUS = 128 + signal.SIGINT
 _CAUGHT = (signal.SIGTERM, signal.SIGINT)
+
+
+class _Dropped:
+    """KeyboardInterrupts Python dropped inside `remembered_interrupts`: how many blocks are
+    open, and whether one was dropped and not raised again yet."""
+
+    depth = 0
+    pending = False
+
+
+@contextlib.contextmanager
+def remembered_interrupts() -> Iterator[None]:
+    """A block in which a Ctrl-C that Python drops is remembered, to be raised again.
+
+    Python runs the SIGINT handler between any two bytecodes of the main thread, also inside
+    a `__del__` or a weakref callback (TensorFlow runs many as its objects are collected); the
+    KeyboardInterrupt raised there cannot propagate: Python prints `Exception ignored in ...`
+    with its traceback and goes on, and a run would train to its end as if no Ctrl-C had
+    come. In this block such a KeyboardInterrupt is kept, silently, instead; `StopSignals`
+    raises it again where it begins (nothing trained yet), and `raise_dropped_interrupt`
+    wherever its caller asks. Other unraisable exceptions go to the hook as before. Blocks
+    nest: the outermost one installs the hook, and forgets what was left on exit.
+
+    Yields:
+      None.
+    """
+    previous = sys.unraisablehook
+    outermost = _Dropped.depth == 0
+    if outermost:
+        _Dropped.pending = False
+
+        def hook(unraisable: Any) -> None:
+            if unraisable.exc_type is KeyboardInterrupt:
+                _Dropped.pending = True
+            else:
+                previous(unraisable)
+
+        sys.unraisablehook = hook
+    _Dropped.depth += 1
+    try:
+        yield
+    finally:
+        _Dropped.depth -= 1
+        if outermost:
+            sys.unraisablehook = previous
+            _Dropped.pending = False
+
+
+def raise_dropped_interrupt() -> None:
+    """Raises KeyboardInterrupt if Python dropped one in a `remembered_interrupts` block and
+    it was not raised again yet; else does nothing.
+
+    Raises:
+      KeyboardInterrupt: a dropped one, once.
+    """
+    if _Dropped.pending:
+        _Dropped.pending = False
+        raise KeyboardInterrupt
 
 
 class StopSignals:
@@ -41,6 +101,7 @@ class StopSignals:
         self._watcher: threading.Thread | None = None
 
     def __enter__(self) -> StopSignals:
+        raise_dropped_interrupt()  # a Ctrl-C Python dropped before: nothing was trained yet
         if threading.current_thread() is not threading.main_thread():
             return self
         caught = [s for s in _CAUGHT if signal.getsignal(s) is not signal.SIG_IGN]
