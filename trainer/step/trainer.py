@@ -11,7 +11,13 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from trainer.distribution import check_jit_compile, is_chief, is_default, make_strategy
+from trainer.distribution import (
+    check_jit_compile,
+    gathers_in_graph,
+    is_chief,
+    is_default,
+    make_strategy,
+)
 from trainer.errors import ConfigError
 from trainer.inputs import InMemoryBatches
 from trainer.optimizers import check_optimizer, learning_rate_for, make_optimizer, with_loss_scale
@@ -347,7 +353,7 @@ class Trainer(Hooks):
     def train_loop(self) -> TrainLoop:
         """The compiled multi-step loop (`loop.TrainLoop`), made on first access."""
         if self.__loop is None:
-            arrays = self.train_arrays() if is_default(self.strategy) else None
+            arrays = self.train_arrays() if gathers_in_graph(self.strategy) else None
             self.__loop = TrainLoop(self.built, self.options, self.strategy, arrays)
         return self.__loop
 
