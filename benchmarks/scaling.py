@@ -4,11 +4,12 @@
     TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/scaling.py --rounds 3 --steps 200
 
 Two workloads: the default task (`tasks/synthetic.py`, batch 64) and the seed MLP
-(`benchmarks/workloads.py`, 784-64-10, batch 128, 8,192 random examples), each in four variants:
+(`benchmarks/workloads.py`, 784-64-10, batch 128, 8,192 random examples), each in five variants:
 
 - `one device`: the in-memory fast path, XLA as chosen (`jit_compile=None`: the whole loop);
-- `one device, no XLA`: the same loop as a plain graph: the floor of what 2 replicas without
-  XLA can reach per step (logical CPU replicas refuse XLA);
+- `one device, no XLA`: the same loop as a plain graph (logical CPU replicas refuse XLA);
+- `a replica's half, no XLA`: one replica's share alone (half the batch, no XLA) on one device:
+  the floor of a 2-replica step, whose replicas run that in parallel and then synchronize;
 - `mirrored 2, in memory`: MirroredStrategy on /cpu:0 and /cpu:1, each replica gathering its
   half of the global batch inside the loop (issue 22);
 - `mirrored 2, tf.data`: the same strategy fed by `experimental_distribute_dataset` (a task whose
@@ -120,9 +121,12 @@ def run_workload(name: str, rounds: int, steps: int, mirrored) -> None:
     options = TrainerOptions(batch_size=batch, steps_per_loop=CALL, train_steps=10**9)
     no_xla = TrainerOptions(batch_size=batch, steps_per_loop=CALL, train_steps=10**9,
                             jit_compile=False)  # fmt: skip
+    half = TrainerOptions(batch_size=batch // 2, steps_per_loop=CALL, train_steps=10**9,
+                          jit_compile=False)  # fmt: skip
     variants = [
         Variant("one device", make(FastPath), options),
         Variant("one device, no XLA", make(FastPath), no_xla),
+        Variant("a replica's half, no XLA", make(FastPath), half),
         Variant("mirrored 2, in memory", make(FastPath), options, mirrored),
         Variant("mirrored 2, tf.data", make(TfData), options, mirrored),
     ]
@@ -140,7 +144,8 @@ def run_workload(name: str, rounds: int, steps: int, mirrored) -> None:
     print(f"[{name}] medians (steps/s) and median per-round ratio to one device:")
     for v in variants:
         ratio = statistics.median(a / b for a, b in zip(v.rates, one.rates, strict=True))
-        print(f"  {v.name:24s} {statistics.median(v.rates):8.0f}   {ratio:.2f}x")
+        rate = statistics.median(v.rates)
+        print(f"  {v.name:26s} {rate:8.0f}  {1e6 / rate:6.0f} us/step  {ratio:.2f}x")
 
 
 def main() -> None:
