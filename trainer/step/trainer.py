@@ -183,7 +183,10 @@ class Trainer(Hooks):
 
         When given, batches are drawn inside the train loop (a seeded reshuffle per epoch),
         which lets the whole multi-step loop run as one XLA computation: the fast path for data
-        that fits in memory. `train_dataset` then need not be implemented.
+        that fits in memory. Under MirroredStrategy and MultiWorkerMirroredStrategy each
+        replica gathers its contiguous share of the same global batch in the loop (`batch_size`
+        must divide by the replicas); other strategies take them through `train_dataset`,
+        which then need not be implemented.
         """
         return None
 
