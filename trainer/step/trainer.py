@@ -185,8 +185,8 @@ class Trainer(Hooks):
         which lets the whole multi-step loop run as one XLA computation: the fast path for data
         that fits in memory. Under MirroredStrategy and MultiWorkerMirroredStrategy each
         replica gathers its contiguous share of the same global batch in the loop (`batch_size`
-        must divide by the replicas); other strategies take them through `train_dataset`,
-        which then need not be implemented.
+        must divide by the replicas); other strategies (TPUs) get the same batches through the
+        default `train_dataset`. `train_dataset` then need not be implemented.
         """
         return None
 
