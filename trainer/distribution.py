@@ -136,6 +136,14 @@ def is_default(strategy: tf.distribute.Strategy) -> bool:
     return type(strategy).__name__ == "_DefaultDistributionStrategy"
 
 
+def gathers_in_graph(strategy: tf.distribute.Strategy) -> bool:
+    """Whether `strategy`'s replicas can gather in-memory batches inside the loop: the default
+    strategy, MirroredStrategy and MultiWorkerMirroredStrategy (whose replicas run in this
+    process's graph and can read its variables); not TPUs, which get the tf.data path."""
+    mirrored = (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
+    return is_default(strategy) or isinstance(strategy, mirrored)
+
+
 def local_devices(strategy: tf.distribute.Strategy) -> tuple[str, ...]:
     """The devices this process's replicas run on; () for the default strategy."""
     return () if is_default(strategy) else tuple(strategy.extended.worker_devices)

@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer.distribution import is_default
+from trainer.distribution import gathers_in_graph, is_default
 from trainer.errors import ConfigError
 
 if TYPE_CHECKING:  # the Trainer module imports this one
@@ -207,9 +207,11 @@ def read_to_memory(dataset: tf.data.Dataset, trainer: Trainer) -> Any | None:
     if size > fraction * ram:
         logging.info("%s, over %s: batches from a tf.data pipeline.", what, budget)
         return None
-    how = "batches gathered in-graph"
-    if not is_default(trainer.strategy):
-        how = f"batches from tf.data over the arrays ({type(trainer.strategy).__name__})"
+    how, strategy = "batches gathered in-graph", type(trainer.strategy).__name__
+    if not gathers_in_graph(trainer.strategy):
+        how = f"batches from tf.data over the arrays ({strategy})"
+    elif not is_default(trainer.strategy):
+        how += f", each replica its slice ({strategy})"
     logging.info("%s, in memory (≤ %s): %s.", what, budget, how)
     arrays = [np.empty([count, *s.shape], s.dtype.as_numpy_dtype) for s in specs]
     start = 0

@@ -10,6 +10,8 @@ import tensorflow as tf
 from absl import logging
 from tensorflow.python.framework import config as tf_config  # no public determinism query
 
+from trainer.distribution import is_default
+from trainer.errors import ConfigError
 from trainer.inputs import InMemoryBatches
 from trainer.optimizers import initial_learning_rate
 from trainer.options import TrainerOptions
@@ -38,8 +40,10 @@ class TrainLoop:
     """`num_steps` of a Trainer's `train_step` inside one `tf.function` call.
 
     The batches come from the task's `train_arrays`, gathered in-graph from the step number
-    (no strategy; the whole loop may then be one XLA computation), or else from an iterator
-    over `train_dataset` that the caller passes to `run`; each goes through the task's
+    (with no strategy the whole loop may then be one XLA computation; under a mirrored
+    strategy each replica gathers its contiguous slice of the step's global batch, see
+    `_replica_gather`), or else from an iterator over `train_dataset` that the caller passes
+    to `run`; each goes through the task's
     `preprocess` inside the step, per replica. The loop stops early at a
     non-finite loss. With a summary writer, TensorBoard rows recorded every `summary_every`
     steps are written after the (possibly XLA-compiled) loop, in the same call.
@@ -52,6 +56,9 @@ class TrainLoop:
       options: the `TrainerOptions`.
       strategy: the distribution strategy the step runs under.
       arrays: the task's `train_arrays()` (in-memory data), or None for an iterator.
+
+    Raises:
+      ConfigError: in memory, `batch_size` does not divide by the strategy's replicas.
     """
 
     def __init__(
@@ -65,8 +72,16 @@ class TrainLoop:
         self.batches = (
             None if arrays is None else InMemoryBatches(arrays, options.batch_size, options.seed)
         )
+        replicas = strategy.num_replicas_in_sync
+        if self.batches is not None and options.batch_size % replicas:
+            raise ConfigError(
+                f"`batch_size` ({options.batch_size}) must divide by the {replicas} replicas "
+                "to split in-memory batches evenly."
+            )
         self._eager = not options.use_tf_function
         step = built.replica_step
+        if self.batches is not None and not is_default(strategy):
+            step = self._gathering(step)  # takes the global batch's indices
         self._step_fn = (
             step if self._eager else tf.function(step, jit_compile=options.jit_compile is True)
         )
@@ -80,7 +95,10 @@ class TrainLoop:
         # loop runs past `train_steps`, however large `steps_per_loop` is.
         self._row_steps = min(options.steps_per_loop, options.train_steps)
         self._earlier_steps_traces = 0  # of the compiled steps' functions made before this one
-        self._make(xla=self.in_memory and use_xla(options.jit_compile, built.model))
+        # Under a strategy only the step may be compiled (`_step_fn`), not the loop around
+        # `strategy.run`.
+        xla = is_default(strategy) and use_xla(options.jit_compile, built.model)
+        self._make(xla=self.in_memory and xla)
 
     @property
     def in_memory(self) -> bool:
@@ -205,6 +223,7 @@ class TrainLoop:
         counter = built.step_counter
         start = counter.read_value()
         in_memory, timed = self.in_memory, self._timed
+        replicas_gather = in_memory and not is_default(self.strategy)  # see `_gathering`
         cached = not self._xla  # see InMemoryBatches.indices
         # In memory, each step computes the next step's example indices and carries them
         # (the last step's go unused): computed next to their gather, XLA fused the order's
@@ -214,7 +233,7 @@ class TrainLoop:
         def body(i, finite, sums, wait, indices, rows, row_steps, count):
             step = start + tf.cast(i, tf.int64)  # 0-based: the steps done before this one
             if in_memory:
-                batch = self.batches.gather(indices)
+                batch = indices if replicas_gather else self.batches.gather(indices)
                 indices = self.batches.indices(step + 1, cached)
             elif timed:
                 batch, waited = _timed_next(iterator, after=sums)
@@ -250,6 +269,25 @@ class TrainLoop:
         )
         counter.assign_add(tf.cast(done, tf.int64))
         return sums, done, wait, rows, row_steps, count
+
+    def _gathering(self, step: Any) -> Any:
+        """`step` on this replica's slice of a global batch given by its example indices.
+
+        Replica `r` of `R` takes `indices[r·B/R : (r+1)·B/R]` and gathers those examples on
+        its own device, so the global batch is the one device's whatever `R` (replica ids are
+        global under MultiWorkerMirroredStrategy; each worker holds all the arrays). One
+        function with the step, as a `tf.function` inside `strategy.run` may not hold another
+        that synchronizes replicas.
+        """
+        per_replica = self.options.batch_size // self.strategy.num_replicas_in_sync
+
+        def gather_and_step(indices: tf.Tensor) -> list[tf.Tensor]:
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            start = tf.cast(replica, tf.int32) * per_replica
+            mine = tf.slice(indices, tf.reshape(start, [1]), [per_replica])
+            return step(self.batches.gather(mine))
+
+        return gather_and_step
 
     def _record(self, losses, step, rows, row_steps, count) -> tuple[tf.Tensor, ...]:
         """Adds this step's TensorBoard values as row `count`."""

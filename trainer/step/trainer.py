@@ -11,7 +11,13 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from trainer.distribution import check_jit_compile, is_chief, is_default, make_strategy
+from trainer.distribution import (
+    check_jit_compile,
+    gathers_in_graph,
+    is_chief,
+    is_default,
+    make_strategy,
+)
 from trainer.errors import ConfigError
 from trainer.inputs import InMemoryBatches
 from trainer.optimizers import check_optimizer, learning_rate_for, make_optimizer, with_loss_scale
@@ -177,7 +183,10 @@ class Trainer(Hooks):
 
         When given, batches are drawn inside the train loop (a seeded reshuffle per epoch),
         which lets the whole multi-step loop run as one XLA computation: the fast path for data
-        that fits in memory. `train_dataset` then need not be implemented.
+        that fits in memory. Under MirroredStrategy and MultiWorkerMirroredStrategy each
+        replica gathers its contiguous share of the same global batch in the loop (`batch_size`
+        must divide by the replicas); other strategies (TPUs) get the same batches through the
+        default `train_dataset`. `train_dataset` then need not be implemented.
         """
         return None
 
@@ -347,7 +356,7 @@ class Trainer(Hooks):
     def train_loop(self) -> TrainLoop:
         """The compiled multi-step loop (`loop.TrainLoop`), made on first access."""
         if self.__loop is None:
-            arrays = self.train_arrays() if is_default(self.strategy) else None
+            arrays = self.train_arrays() if gathers_in_graph(self.strategy) else None
             self.__loop = TrainLoop(self.built, self.options, self.strategy, arrays)
         return self.__loop
 
