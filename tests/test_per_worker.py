@@ -1,6 +1,9 @@
 """Issue 22: the tf.data path per worker (`distribute_datasets_from_function`), the per-replica
 XLA choice, and the GPU benchmark's smoke run."""
 
+import importlib.util
+import os
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -20,18 +23,15 @@ def relative_diff(a, b) -> float:
 class ContextTask(ArrayTask):
     """ArrayTask whose `train_dataset` takes the input context and records each one."""
 
-    def __init__(self, *args, interleave=False, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.contexts, self.interleave = [], interleave
+        self.contexts, self.ignore_context = [], False
 
     def train_dataset(self, input_context=None):
         self.contexts.append(input_context)
         dataset = super().train_dataset()
-        if input_context is None:
+        if input_context is None or self.ignore_context:  # the latter, a wrong variant
             return dataset
-        if self.interleave:  # the wrong variant: round-robin examples across replicas
-            size = input_context.get_per_replica_batch_size(BATCH)
-            return dataset.unbatch().batch(size, drop_remainder=True)
         return per_replica_batches(dataset, input_context)
 
 
@@ -122,3 +122,22 @@ class PerWorkerTest(tf.test.TestCase):
 
 if __name__ == "__main__":
     tf.test.main()
+
+
+class GpuScalingSmokeTest(tf.test.TestCase):
+    def test_gpu_scaling_smoke_runs_on_cpu(self):
+        """(e) `benchmarks/gpu_scaling.py --smoke` in-process: exit 0, one rate line per variant
+        (1 device and the 2 logical CPUs, tapeloop and fit) and the ratios."""
+        path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks")
+        spec = importlib.util.spec_from_file_location(
+            "gpu_scaling", os.path.join(path, "gpu_scaling.py")
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        lines = []
+        self.assertEqual(module.main(["--smoke"], print_fn=lines.append), 0)
+        text = "\n".join(lines)
+        for name in ("tapeloop_1", "fit_1", "tapeloop_N", "fit_N"):
+            self.assertRegex(text, rf"{name} +[0-9.]+ steps/s")
+        self.assertIn("tapeloop: 2 replicas vs one", text)
+        self.assertIn("tapeloop vs fit, N replica(s)", text)
