@@ -43,6 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import Trainer, TrainerOptions
+from trainer.distribution import make_strategy
 
 INPUTS, CLASSES = 1024, 10
 
@@ -158,10 +159,10 @@ def main(argv: Sequence[str] | None = None, print_fn: Callable[[str], None] = pr
     arrays = random_data(args.batch * replicas * 8)
     variants: dict[str, object] = {}
     for key, n in setups.items():
-        for kind, make in (("tapeloop", Tapeloop), ("fit", Fit)):
-            # One strategy per variant: two sharing one ran into each other's collectives.
-            strategy = tf.distribute.MirroredStrategy(devices) if n > 1 else one
-            variants[f"{kind}_{key}"] = make(args, arrays, n, strategy, gpu)
+        # The process's one MirroredStrategy (several collide in their collectives).
+        strategy = one if n == 1 else make_strategy("mirrored", 0 if gpu else replicas)
+        variants[f"tapeloop_{key}"] = Tapeloop(args, arrays, n, strategy, gpu)
+        variants[f"fit_{key}"] = Fit(args, arrays, n, strategy, gpu)
     print_fn(
         f"gpu_scaling: {replicas} {'GPU' if gpu else 'CPU'} device(s), MLP {INPUTS}-"
         f"{'-'.join([str(args.width)] * args.depth)}-{CLASSES}, {args.batch} examples per "

@@ -9,9 +9,8 @@ import numpy as np
 import tensorflow as tf
 from array_task import ArrayTask, regression_data
 
-from trainer import TrainerOptions
+from trainer import TrainerOptions, per_replica_batches
 from trainer.distribution import make_strategy, replica_jit_compile
-from trainer.inputs import per_replica_batches
 
 BATCH, STEPS = 8, 6
 
