@@ -81,7 +81,10 @@ class Trainer(Hooks):
 
     Under a `tf.distribute` strategy each replica runs the step on its share of the global
     batch; the data loss is averaged over the global batch and penalties are divided by the
-    number of replicas, so that each counts exactly once.
+    number of replicas, so that each counts exactly once. A `train_dataset` that takes an
+    `input_context` is built per worker (`distribute_datasets_from_function`, see
+    `train_dataset`); the per-replica step is XLA-compiled on GPU replicas when `jit_compile`
+    is None (`trainer.distribution.replica_jit_compile`).
 
     Args:
       options: a `TrainerOptions`; by default `make_options()`, the task's defaults.
