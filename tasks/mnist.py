@@ -64,16 +64,25 @@ class Mnist(Trainer):
     def train_arrays(self) -> Any | None:
         return self._train_arrays
 
-    def train_dataset(self) -> tf.data.Dataset:
-        if self.train_arrays() is not None:
-            return super().train_dataset()  # the arrays' batches, in the in-graph order
+    def train_dataset(
+        self, input_context: tf.distribute.InputContext | None = None
+    ) -> tf.data.Dataset:
+        """Batches of `batch_size`; with `input_context` (under a strategy), this worker's
+        per-replica batches: its shard of the examples when streaming."""
+        if self.train_arrays() is not None:  # the arrays' batches, in the in-graph order
+            return super().train_dataset(input_context)
         # For data that does not fit in memory: no cache(), and no per-example map
         # (`preprocess` converts whole batches in the step).
+        dataset, batch_size = self._load("train"), self.options.batch_size
+        if input_context is not None:  # each worker reads its shard, batched per replica
+            dataset = dataset.shard(
+                input_context.num_input_pipelines, input_context.input_pipeline_id
+            )
+            batch_size = input_context.get_per_replica_batch_size(batch_size)
         return (
-            self._load("train")
-            .shuffle(10_000, seed=self.options.seed)
+            dataset.shuffle(10_000, seed=self.options.seed)
             .repeat()
-            .batch(self.options.batch_size, drop_remainder=True)
+            .batch(batch_size, drop_remainder=True)
             .prefetch(tf.data.AUTOTUNE)
         )
 

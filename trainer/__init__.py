@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, `__getattr__`
         task_names,
     )
     from trainer.errors import ConfigError
-    from trainer.inputs import read_to_memory
+    from trainer.inputs import per_replica_batches, read_to_memory
     from trainer.optimizers import WarmupSchedule, learning_rate_for, make_optimizer
     from trainer.options import TrainerOptions
     from trainer.penalties import (
@@ -78,7 +78,7 @@ _MODULES = {
         "task_names",
     ),
     "trainer.errors": ("ConfigError",),
-    "trainer.inputs": ("read_to_memory",),
+    "trainer.inputs": ("per_replica_batches", "read_to_memory"),
     "trainer.optimizers": ("WarmupSchedule", "learning_rate_for", "make_optimizer"),
     "trainer.options": ("TrainerOptions",),
     "trainer.penalties": (
@@ -138,6 +138,7 @@ __all__ = [
     "parse_param_group_spec",
     "parse_penalty_spec",
     "penalty_names",
+    "per_replica_batches",
     "read_to_memory",
     "register_param_group",
     "register_penalty",

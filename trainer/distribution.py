@@ -131,6 +131,24 @@ def check_jit_compile(jit_compile: bool | None, strategy: tf.distribute.Strategy
         )
 
 
+def replica_jit_compile(jit_compile: bool | None, devices: tuple[str, ...]) -> bool:
+    """Whether to compile the per-replica step with XLA, on the strategy's `devices`.
+
+    `jit_compile` True or False decides (True on logical CPU replicas is refused by
+    `check_jit_compile`). If None (automatic): yes when the replicas are all GPUs (XLA per
+    replica under MirroredStrategy), no otherwise: on one device (`devices` is ()) the
+    in-memory loop compiles the whole multi-step loop instead (`use_xla`), and logical CPU
+    replicas would all land on /cpu:0.
+
+    Args:
+      jit_compile: `options.jit_compile`.
+      devices: `local_devices(strategy)`, e.g. `("/job:localhost/replica:0/task:0/device:GPU:0",)`.
+    """
+    if jit_compile is not None:
+        return jit_compile
+    return bool(devices) and all("GPU" in d.upper() for d in devices)
+
+
 def is_default(strategy: tf.distribute.Strategy) -> bool:
     """Whether `strategy` is TensorFlow's no-op default strategy (no replicas to split over)."""
     return type(strategy).__name__ == "_DefaultDistributionStrategy"

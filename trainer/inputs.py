@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -297,3 +298,53 @@ def _mix(x: tf.Tensor) -> tf.Tensor:
     for _ in range(2):
         x = xor(shift(x, sixteen), x) * multiplier
     return xor(shift(x, sixteen), x)
+
+
+def per_replica_batches(dataset: tf.data.Dataset, input_context: Any) -> tf.data.Dataset:
+    """This worker's per-replica batches, cut from `dataset`'s global batches.
+
+    For `tf.distribute.Strategy.distribute_datasets_from_function`: worker `i` of `P` input
+    pipelines takes the `i`-th contiguous `1/P` of each global batch and splits it into its
+    replicas' contiguous slices, in replica order. Each step's global batch is thus the one a
+    single device trains on, so 1, 2 or 4 replicas see the same examples per step, and skipping
+    `k` global batches before this call resumes each worker exactly.
+
+    Args:
+      dataset: batches of a fixed global batch size (`drop_remainder=True`), a nest of tensors.
+      input_context: a `tf.distribute.InputContext`.
+
+    Returns:
+      The worker's dataset of per-replica batches (`get_per_replica_batch_size` examples).
+
+    Raises:
+      ConfigError: the global batch size does not divide among the replicas.
+    """
+    pipelines = input_context.num_input_pipelines
+    replicas = input_context.num_replicas_in_sync // pipelines  # this worker's
+    global_size = tf.compat.dimension_value(tf.nest.flatten(dataset.element_spec)[0].shape[0])
+    if global_size is None or global_size % input_context.num_replicas_in_sync:
+        raise ConfigError(
+            f"`batch_size` ({global_size}) must be a fixed multiple of the "
+            f"{input_context.num_replicas_in_sync} replicas."
+        )
+    size = global_size // input_context.num_replicas_in_sync
+    first = input_context.input_pipeline_id * replicas * size
+
+    def split(*batch: Any) -> Any:
+        batch = batch[0] if len(batch) == 1 else batch
+        return tf.nest.map_structure(
+            lambda t: tf.reshape(
+                t[first : first + replicas * size], [replicas, size, *t.shape[1:]]
+            ),
+            batch,
+        )
+
+    return dataset.map(split).unbatch()
+
+
+def accepts_input_context(method: Any) -> bool:
+    """Whether `method` (a bound `train_dataset`) takes an `input_context` argument."""
+    try:
+        return "input_context" in inspect.signature(method).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: today's call, no context
+        return False

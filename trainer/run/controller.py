@@ -320,7 +320,7 @@ class Controller:
         }
         start_from_chief(trainer.strategy, checkpointed, trainer.step)  # the chief's is the run's
         if not loop.in_memory and iterator is None:  # a distributed iterator cannot be saved
-            iterator = iter(trainer.distribute(trainer.train_dataset().skip(trainer.step)))
+            iterator = iter(trainer.train_batches(skip=trainer.step))
         if trainer.step >= opts.train_steps:
             logging.info("Already at step %d of %d: not training.", trainer.step, opts.train_steps)
         if loop.set_summary_dir(model_dir if trainer.is_chief else None):

@@ -10,7 +10,7 @@ import tensorflow as tf
 from absl import logging
 from tensorflow.python.framework import config as tf_config  # no public determinism query
 
-from trainer.distribution import is_default
+from trainer.distribution import is_default, local_devices, replica_jit_compile
 from trainer.errors import ConfigError
 from trainer.inputs import InMemoryBatches
 from trainer.optimizers import initial_learning_rate
@@ -83,7 +83,11 @@ class TrainLoop:
         if self.batches is not None and not is_default(strategy):
             step = self._gathering(step)  # takes the global batch's indices
         self._step_fn = (
-            step if self._eager else tf.function(step, jit_compile=options.jit_compile is True)
+            step
+            if self._eager
+            else tf.function(  # XLA per replica on GPUs under a strategy (issue 22)
+                step, jit_compile=replica_jit_compile(options.jit_compile, local_devices(strategy))
+            )
         )
         self._initial_lr = initial_learning_rate(built.optimizer)
         self._tags = summaries.step_tags(built.loss_names, built.selections)

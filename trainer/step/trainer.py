@@ -19,7 +19,7 @@ from trainer.distribution import (
     make_strategy,
 )
 from trainer.errors import ConfigError
-from trainer.inputs import InMemoryBatches
+from trainer.inputs import InMemoryBatches, accepts_input_context, per_replica_batches
 from trainer.optimizers import check_optimizer, learning_rate_for, make_optimizer, with_loss_scale
 from trainer.options import TrainerOptions, options_with
 from trainer.penalties.base import Penalty, check_loss_term
@@ -87,7 +87,10 @@ class Trainer(Hooks):
 
     Under a `tf.distribute` strategy each replica runs the step on its share of the global
     batch; the data loss is averaged over the global batch and penalties are divided by the
-    number of replicas, so that each counts exactly once.
+    number of replicas, so that each counts exactly once. A `train_dataset` that takes an
+    `input_context` is built per worker (`distribute_datasets_from_function`, see
+    `train_dataset`); the per-replica step is XLA-compiled on GPU replicas when `jit_compile`
+    is None (`trainer.distribution.replica_jit_compile`).
 
     Args:
       options: a `TrainerOptions`; by default `make_options()`, the task's defaults.
@@ -190,17 +193,28 @@ class Trainer(Hooks):
         """
         return None
 
-    def train_dataset(self) -> tf.data.Dataset:
+    def train_dataset(self, input_context: tf.distribute.InputContext | None = None) -> Any:
         """Returns batches of `(features, labels)` of `options.batch_size`, repeated.
 
         Required unless `train_arrays` is given; by default, `train_arrays`' batches.
+
+        Under a strategy other than the default, a `train_dataset` that declares an
+        `input_context` argument is called once per worker through
+        `distribute_datasets_from_function` and returns that worker's per-replica batches
+        (`input_context.get_per_replica_batch_size(batch_size)` examples each, its shard
+        `input_context.input_pipeline_id` of `num_input_pipelines`); `per_replica_batches`
+        cuts them from global batches, each replica a contiguous slice, so every step's
+        global batch is the one-device one. One without the argument (`train_dataset(self)`)
+        is called as before: its global batches are auto-sharded by
+        `experimental_distribute_dataset`. Without a strategy `input_context` is None.
         """
         arrays = self.train_arrays()
         if arrays is None:
             raise NotImplementedError(
                 f"{type(self).__name__} must implement train_dataset() or train_arrays()."
             )
-        return InMemoryBatches(arrays, self.options.batch_size, self.options.seed).dataset()
+        dataset = InMemoryBatches(arrays, self.options.batch_size, self.options.seed).dataset()
+        return dataset if input_context is None else per_replica_batches(dataset, input_context)
 
     def preprocess(self, features: Any, labels: Any) -> tuple[Any, Any]:
         """Returns a batch as the model takes it, from one as stored; by default, unchanged.
@@ -537,6 +551,23 @@ class Trainer(Hooks):
         empty when `options.train_eval_examples` is 0."""
         dataset = self.train_slice()
         return {} if dataset is None else self.evaluate(dataset)
+
+    def train_batches(self, skip: int = 0) -> Any:
+        """`train_dataset`'s batches from step `skip` on, distributed over the replicas.
+
+        Per worker (`distribute_datasets_from_function`) when `train_dataset` takes an
+        `input_context` and a strategy is set: each worker skips `skip` steps' worth of its
+        per-replica batches, so a resumed run continues every shard where it stopped.
+        Otherwise `distribute(train_dataset().skip(skip))`, as before.
+        """
+        if is_default(self.strategy) or not accepts_input_context(self.train_dataset):
+            return self.distribute(self.train_dataset().skip(skip))
+
+        def worker(context: tf.distribute.InputContext) -> tf.data.Dataset:
+            per_worker = context.num_replicas_in_sync // context.num_input_pipelines
+            return self.train_dataset(input_context=context).skip(skip * per_worker)
+
+        return self.strategy.distribute_datasets_from_function(worker)
 
     def distribute(self, dataset: tf.data.Dataset) -> Any:
         """`dataset` (global batches) split across the strategy's replicas."""
