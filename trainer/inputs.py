@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from typing import TYPE_CHECKING, Any
@@ -33,17 +34,28 @@ class InMemoryBatches:
       batch_size: examples per batch.
       seed: the shuffle seed, in [0, 2**32); it lives in a variable read by the graph, so
         assigning `seed` (a sweep's next seed) changes the order without retracing.
+      replicate_over: a strategy whose every replica device gets its own copy of the arrays
+        (mirrored variables, made in its scope), which that replica's `gather` reads: an
+        XLA-compiled step reads only variables on its own device. None (one copy, on the
+        default device) when the replicas' steps are not compiled.
 
     Raises:
       ConfigError: the arrays' first dimensions differ, or hold fewer than `batch_size`
         examples.
     """
 
-    def __init__(self, arrays: Any, batch_size: int, seed: int):
+    def __init__(
+        self,
+        arrays: Any,
+        batch_size: int,
+        seed: int,
+        replicate_over: tf.distribute.Strategy | None = None,
+    ):
         self._numpy = tf.nest.map_structure(np.asarray, arrays)
-        self.arrays = tf.nest.map_structure(
-            lambda a: tf.Variable(a, trainable=False, name="train_data"), self._numpy
-        )
+        with replicate_over.scope() if replicate_over else contextlib.nullcontext():
+            self.arrays = tf.nest.map_structure(
+                lambda a: tf.Variable(a, trainable=False, name="train_data"), self._numpy
+            )
         sizes = {int(v.shape[0]) for v in tf.nest.flatten(self.arrays)}
         if len(sizes) != 1:
             raise ConfigError(

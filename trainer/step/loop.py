@@ -42,14 +42,15 @@ class TrainLoop:
     The batches come from the task's `train_arrays`, gathered in-graph from the step number
     (with no strategy the whole loop may then be one XLA computation; under a mirrored
     strategy each replica gathers its contiguous slice of the step's global batch, see
-    `_replica_gather`), or else from an iterator over `train_dataset` that the caller passes
-    to `run`; each goes through the task's
-    `preprocess` inside the step, per replica. The loop stops early at a
-    non-finite loss. With a summary writer, TensorBoard rows recorded every `summary_every`
-    steps are written after the (possibly XLA-compiled) loop, in the same call.
+    `_gathering`), or else from an iterator over `train_dataset` that the caller passes to
+    `run`; each goes through the task's `preprocess` inside the step, per replica. The loop
+    stops early at a non-finite loss. With a summary writer, TensorBoard rows recorded every
+    `summary_every` steps are written after the (possibly XLA-compiled) loop, in the same call.
 
-    The step is its own `tf.function`, traced once; the loop around it is re-made for each
-    new writer (a writer is captured when a function is traced) and when XLA is turned off.
+    The step is its own `tf.function`, traced once (under a strategy, XLA-compiled per
+    replica on GPUs: `distribution.replica_jit_compile`); the loop around it is re-made for
+    each new writer (a writer is captured when a function is traced) and when XLA is turned
+    off (an automatic choice that fails to compile falls back, the loop's or the step's).
 
     Args:
       built: what `Trainer.build()` made: the model, optimizer, step and its stages.
@@ -69,8 +70,17 @@ class TrainLoop:
         arrays: Any = None,
     ):
         self.built, self.options, self.strategy = built, options, strategy
+        # XLA per replica (GPUs) reads the arrays from a copy on the replica's own device.
+        jit_replicas = replica_jit_compile(options.jit_compile, local_devices(strategy))
         self.batches = (
-            None if arrays is None else InMemoryBatches(arrays, options.batch_size, options.seed)
+            None
+            if arrays is None
+            else InMemoryBatches(
+                arrays,
+                options.batch_size,
+                options.seed,
+                replicate_over=None if is_default(strategy) or not jit_replicas else strategy,
+            )
         )
         replicas = strategy.num_replicas_in_sync
         if self.batches is not None and options.batch_size % replicas:
@@ -79,16 +89,10 @@ class TrainLoop:
                 "to split in-memory batches evenly."
             )
         self._eager = not options.use_tf_function
-        step = built.replica_step
+        self._step = built.replica_step
         if self.batches is not None and not is_default(strategy):
-            step = self._gathering(step)  # takes the global batch's indices
-        self._step_fn = (
-            step
-            if self._eager
-            else tf.function(  # XLA per replica on GPUs under a strategy (issue 22)
-                step, jit_compile=replica_jit_compile(options.jit_compile, local_devices(strategy))
-            )
-        )
+            self._step = self._gathering(self._step)  # takes the global batch's indices
+        self._make_step(jit=jit_replicas)  # XLA per replica: on GPUs under a strategy
         self._initial_lr = initial_learning_rate(built.optimizer)
         self._tags = summaries.step_tags(built.loss_names, built.selections)
         self._tags += built.chain.summary_tags()  # grad_norm when clipping
@@ -175,12 +179,15 @@ class TrainLoop:
         try:
             means, step, wait, *metrics = self._loop_fn(iterator, steps)
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as e:
-            if not (self._xla and self.options.jit_compile is None):
+            if not ((self._xla or self._replica_xla) and self.options.jit_compile is None):
                 raise
             logging.warning(
-                "XLA could not compile the train loop; running without it: %s",
+                "XLA could not compile the train %s; running without it: %s",
+                "loop" if self._xla else "step of each replica",
                 str(e).strip().splitlines()[0][:300],
             )
+            if self._replica_xla:
+                self._make_step(jit=False)
             self._make(xla=False)
             means, step, wait, *metrics = self._loop_fn(iterator, steps)
         self._input_wait_s = float(wait) if self._timed else None
@@ -188,6 +195,11 @@ class TrainLoop:
         logs = {name: float(v) for name, v in zip(names, means.numpy())}
         logs.update((f"train/{k}", float(v)) for k, v in zip(self.built.train_metrics, metrics))
         return logs, int(step)
+
+    def _make_step(self, jit: bool) -> None:
+        """The per-replica step's function (`strategy.run` calls it), compiled if `jit`."""
+        self._replica_xla = jit and not self._eager
+        self._step_fn = self._step if self._eager else tf.function(self._step, jit_compile=jit)
 
     def _make(self, xla: bool) -> None:
         self._earlier_steps_traces += _traces(getattr(self, "_steps_fn", None))
