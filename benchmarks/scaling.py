@@ -1,10 +1,11 @@
-"""One device against MirroredStrategy on 2 logical CPU replicas: the fast path and tf.data.
+"""One device against MirroredStrategy on 2 logical CPU replicas and against 2 local workers
+(MultiWorkerMirroredStrategy): the fast path and tf.data.
 
-    TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/scaling.py                 # ~2 min on 2 CPU cores
+    TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/scaling.py                 # ~6 min on 2 CPU cores
     TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/scaling.py --rounds 3 --steps 200
 
 Two workloads: the default task (`tasks/synthetic.py`, batch 64) and the seed MLP
-(`benchmarks/workloads.py`, 784-64-10, batch 128, 8,192 random examples), each in five variants:
+(`benchmarks/workloads.py`, 784-64-10, batch 128, 8,192 random examples), each in nine variants:
 
 - `one device`: the in-memory fast path, XLA as chosen (`jit_compile=None`: the whole loop);
 - `one device, no XLA`: the same loop as a plain graph (logical CPU replicas refuse XLA);
@@ -13,7 +14,14 @@ Two workloads: the default task (`tasks/synthetic.py`, batch 64) and the seed ML
 - `mirrored 2, in memory`: MirroredStrategy on /cpu:0 and /cpu:1, each replica gathering its
   half of the global batch inside the loop (issue 22);
 - `mirrored 2, tf.data`: the same strategy fed by `experimental_distribute_dataset` (a task whose
-  `train_arrays` returns None: the path every strategy took before).
+  `train_arrays` returns None: the path every strategy took before);
+- `2 workers, in memory` and `2 workers, tf.data`: two processes of this script
+  (`--worker 0|1`, TF_CONFIG on 127.0.0.1), one replica each, MultiWorkerMirroredStrategy over
+  gRPC; each times on the parent's command, so their rounds alternate with the others' (while
+  the others run, they wait on a pipe). Worker 0's rate is reported;
+- `mirrored 2, exchange only` and `2 workers, exchange only`: no model, only what a step's
+  replicas exchange (an all-reduce of as many floats as the model has parameters, a reduce of
+  a scalar) in the same kind of loop: the synchronization floor of a step on that strategy.
 
 Each variant is built and warmed up (first call: tracing, compiling), then every round times each
 variant once for `--steps` steps in calls of 100 (`TrainLoop.run`, the loop the controller
@@ -24,8 +32,11 @@ median per-round ratio to `one device`. On a shared machine compare ratios from 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import time
 
@@ -116,6 +127,125 @@ class Variant:
         self.rates.append(steps // CALL * CALL / (time.perf_counter() - start))
 
 
+class Exchange:
+    """Only what the replicas of a step exchange: one all-reduce of as many floats as the model
+    has trainable parameters (its gradients) and one reduce of a scalar (its losses), in the
+    same multi-step loop: the floor a step on several replicas cannot go below."""
+
+    def __init__(self, name: str, parameters: int, strategy: tf.distribute.Strategy):
+        self.name, self.rates = name, []
+        total = tf.distribute.ReduceOp.SUM
+
+        def replica(value: tf.Tensor) -> tf.Tensor:
+            context = tf.distribute.get_replica_context()
+            gradients = context.all_reduce(total, tf.fill([parameters], value))
+            return gradients[0]
+
+        @tf.function
+        def loop(steps: tf.Tensor) -> tf.Tensor:
+            def body(i, acc):  # values that change per step: nothing to fold away
+                exchanged = strategy.run(replica, args=(tf.cast(i, tf.float32),))
+                return i + 1, acc + strategy.reduce(total, exchanged, axis=None)
+
+            return tf.while_loop(lambda i, _: i < steps, body, [0, 0.0])[1]
+
+        self.loop = loop
+        start = time.perf_counter()
+        self.loop(tf.constant(CALL))
+        self.first_s = time.perf_counter() - start
+
+    def time(self, steps: int) -> None:
+        start = time.perf_counter()
+        for _ in range(steps // CALL):
+            self.loop(tf.constant(CALL)).numpy()
+        self.rates.append(steps // CALL * CALL / (time.perf_counter() - start))
+
+
+class Workers:
+    """2 local worker processes (`--worker`), each holding both variants of a workload; `time`
+    runs one variant on both at once and keeps worker 0's rate."""
+
+    def __init__(self, name: str, workload: str, steps: int, pair: Workers | None = None):
+        self.name, self.rates = name, []
+        if pair is not None:  # the same processes, the other variant
+            self.processes = pair.processes
+            return
+        ports = []
+        for _ in range(2):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                ports.append(s.getsockname()[1])
+        self.processes = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "--worker",
+                    str(i),
+                    "--ports",
+                    ",".join(map(str, ports)),
+                    "--workloads",
+                    workload,
+                    "--steps",
+                    str(steps),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
+        for p in self.processes:
+            line = p.stdout.readline()
+            if not line.startswith("ready"):
+                raise RuntimeError(f"a worker did not start: {line!r}")
+        self.first_s = float(line.split()[1])
+
+    def time(self, steps: int) -> None:
+        del steps  # the workers were given it
+        for p in self.processes:
+            p.stdin.write(f"{self.name}\n")
+            p.stdin.flush()
+        rates = [float(p.stdout.readline()) for p in self.processes]
+        self.rates.append(rates[0])
+
+    def close(self) -> None:
+        for p in self.processes:
+            if p.poll() is None:
+                p.stdin.close()
+                p.wait(timeout=60)
+
+
+def worker_main(index: int, ports: str, workload: str, steps: int) -> None:
+    """A worker of `Workers`: builds both variants, then times the one named on each stdin line
+    and prints its steps/s."""
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports.split(",")]}
+    os.environ["TF_CONFIG"] = json.dumps({"cluster": cluster,
+                                          "task": {"type": "worker", "index": index}})  # fmt: skip
+    strategy = make_strategy("multi_worker")
+    make, batch = WORKLOADS[workload]
+    options = TrainerOptions(batch_size=batch, steps_per_loop=CALL, train_steps=10**9)
+    fast = Variant(WORKER_VARIANTS[0], make(FastPath), options, strategy)
+    variants = {
+        WORKER_VARIANTS[0]: fast,
+        WORKER_VARIANTS[1]: Variant(WORKER_VARIANTS[1], make(TfData), options, strategy),
+        WORKER_VARIANTS[2]: Exchange(WORKER_VARIANTS[2], parameters(fast), strategy),
+    }
+    first = max(v.first_s for v in variants.values())
+    print(f"ready {first:.1f}", flush=True)
+    for line in sys.stdin:
+        variant = variants[line.strip()]
+        variant.time(steps)
+        print(variant.rates[-1], flush=True)
+
+
+WORKER_VARIANTS = ("2 workers, in memory", "2 workers, tf.data", "2 workers, exchange only")
+
+
+def parameters(variant: Variant) -> int:
+    return sum(int(tf.size(v)) for v in variant.trainer.model.trainable_variables)
+
+
 def run_workload(name: str, rounds: int, steps: int, mirrored) -> None:
     make, batch = WORKLOADS[name]
     options = TrainerOptions(batch_size=batch, steps_per_loop=CALL, train_steps=10**9)
@@ -130,10 +260,14 @@ def run_workload(name: str, rounds: int, steps: int, mirrored) -> None:
         Variant("mirrored 2, in memory", make(FastPath), options, mirrored),
         Variant("mirrored 2, tf.data", make(TfData), options, mirrored),
     ]
-    for v in variants:
+    variants.append(Exchange("mirrored 2, exchange only", parameters(variants[0]), mirrored))
+    workers = Workers(WORKER_VARIANTS[0], name, steps)
+    variants += [workers] + [Workers(n, name, steps, pair=workers) for n in WORKER_VARIANTS[1:]]
+    for v in variants[:5]:
         loop = v.trainer.train_loop
         print(f"[{name}] {v.name}: in_memory={loop.in_memory} xla={loop.xla} "
               f"first call {v.first_s:.1f} s")  # fmt: skip
+    print(f"[{name}] 2 workers: first calls {workers.first_s:.1f} s")
     for r in range(rounds):
         order = variants if r % 2 == 0 else variants[::-1]
         for v in order:
@@ -146,6 +280,7 @@ def run_workload(name: str, rounds: int, steps: int, mirrored) -> None:
         ratio = statistics.median(a / b for a, b in zip(v.rates, one.rates, strict=True))
         rate = statistics.median(v.rates)
         print(f"  {v.name:26s} {rate:8.0f}  {1e6 / rate:6.0f} us/step  {ratio:.2f}x")
+    workers.close()
 
 
 def main() -> None:
@@ -153,7 +288,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=500, help="timed steps per round")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # Workers' processes
+    parser.add_argument("--ports", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker is not None:
+        worker_main(args.worker, args.ports, args.workloads[0], args.steps)
+        return
     configure_cpu_replicas(2)
     mirrored = make_strategy("mirrored", cpu_replicas=2)
     print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPUs")

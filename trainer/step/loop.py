@@ -92,6 +92,8 @@ class TrainLoop:
         self._step = built.replica_step
         if self.batches is not None and not is_default(strategy):
             self._step = self._gathering(self._step)  # takes the global batch's indices
+        if not is_default(strategy):
+            self._step = self._stacking(self._step)  # one reduction of the losses per step
         self._make_step(jit=jit_replicas)  # XLA per replica: on GPUs under a strategy
         self._initial_lr = initial_learning_rate(built.optimizer)
         self._tags = summaries.step_tags(built.loss_names, built.selections)
@@ -257,7 +259,7 @@ class TrainLoop:
             else:
                 batch = next(iterator)
             per_replica = self.strategy.run(self._step_fn, args=(batch,))
-            losses = tf.stack(self._reduce(per_replica))
+            losses = self._reduce(per_replica)
             if record:
                 rows, row_steps, count = tf.cond(
                     (step + 1) % every == 0,
@@ -321,17 +323,26 @@ class TrainLoop:
         row_steps = tf.tensor_scatter_nd_update(row_steps, [[count]], [step])
         return rows, row_steps, count + 1
 
-    def _reduce(self, per_replica: list[Any]) -> list[tf.Tensor]:
-        """Global values: total and data loss summed over replicas (each holds its share of
-        the global mean), penalty terms averaged (each replica holds the whole term)."""
-        strategy = self.strategy
-        total, data, *terms = per_replica
-        sum_, mean = tf.distribute.ReduceOp.SUM, tf.distribute.ReduceOp.MEAN
-        return [
-            strategy.reduce(sum_, total, axis=None),
-            strategy.reduce(sum_, data, axis=None),
-            *(strategy.reduce(mean, t, axis=None) for t in terms),
-        ]
+    def _stacking(self, step: Any) -> Any:
+        """`step` returning its losses stacked, each replica's share of the global values:
+        its total and data loss (shares of the global mean), its penalty terms divided by
+        the replicas (each replica holds the whole term). One SUM over the replicas then
+        gives them all (`_reduce`): one collective per step instead of one per value,
+        which across workers costs a network round trip each."""
+        replicas = self.strategy.num_replicas_in_sync
+
+        def step_and_stack(batch: Any) -> tf.Tensor:
+            total, data, *terms = step(batch)
+            return tf.stack([total, data, *(t / replicas for t in terms)])
+
+        return step_and_stack
+
+    def _reduce(self, per_replica: Any) -> tf.Tensor:
+        """The step's global loss values (`built.loss_names`): the one device's as they are,
+        else the sum over replicas of their stacked shares (`_stacking`)."""
+        if is_default(self.strategy):
+            return tf.stack(per_replica)
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
 
 def _traces(fn: Any) -> int:
