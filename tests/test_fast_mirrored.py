@@ -146,7 +146,7 @@ class FastMirroredTest(tf.test.TestCase):
         straight = self.make(self.mirrored, **options)
         straight.train()
         model_dir = self.create_tempdir().full_path
-        options.update(model_dir=model_dir, checkpoint_every=5)
+        options.update(model_dir=model_dir, checkpoint_every=STEPS // 2)
         self.make(self.mirrored, **{**options, "train_steps": STEPS // 2}).train()
         resumed = self.make(self.mirrored, **options)
         resumed.train()
