@@ -168,20 +168,20 @@ class FastMirroredTest(tf.test.TestCase):
 
 
 class TwoWorkersTest(tf.test.TestCase):
-    """2 worker processes (MultiWorkerMirroredStrategy, TF_CONFIG on 127.0.0.1), in memory."""
+    """2 worker processes (MultiWorkerMirroredStrategy, TF_CONFIG on 127.0.0.1)."""
 
     FLAGS = ("--train_steps=50", "--steps_per_loop=8", "--clip_global_norm=0.5",
              "--accumulate_steps=2", "--penalty=l2(1e-3, include='kernel')",
              "--penalty=decoupled_weight_decay(0.05)")  # fmt: skip
 
-    def start_worker(self, out, ports, index):
+    def start_worker(self, out, ports, index, task):
         cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
                "PYTHONPATH": os.pathsep.join([FIXTURES_DIR, os.environ.get("PYTHONPATH", "")]),
                "DIST_WEIGHTS_OUT": os.path.join(out, f"worker{index}.npz"),
                "TF_CONFIG": json.dumps({"cluster": cluster,
                                         "task": {"type": "worker", "index": index}})}  # fmt: skip
-        command = [sys.executable, "-m", "trainer", "--import=memory_plugin", "--task=dist_memory",
+        command = [sys.executable, "-m", "trainer", "--import=memory_plugin", f"--task={task}",
                    "--strategy=multi_worker", f"--model_dir={os.path.join(out, f'run{index}')}",
                    *self.FLAGS]  # fmt: skip
         log = open(os.path.join(out, f"worker{index}.log"), "w")
@@ -189,24 +189,19 @@ class TwoWorkersTest(tf.test.TestCase):
         return subprocess.Popen(command, cwd=REPO_DIR, env=env, stdout=log,
                                 stderr=subprocess.STDOUT)  # fmt: skip
 
-    def test_two_workers_in_memory_match_one_device(self):
-        """50 steps with an L2 penalty, a Keras L2 regularizer, decoupled decay, clipping and
-        2 micro-batches on 2 workers (each its replica's half of every global batch, gathered
-        in memory) ≡ the same task on one device in this process: ≤ 1e-6 relative per
-        tensor."""
-        from memory_plugin import DistMemory
-
+    def train_on_two_workers(self, task_cls, task):
+        """`task` on 2 worker processes with `FLAGS`, and `task_cls` with the same settings on
+        one device in this process; asserts both workers' weights are one device's (≤ 1e-6
+        relative per tensor) and returns the workers' logs."""
         out = self.create_tempdir().full_path
         ports = free_ports(2)
-        workers = [self.start_worker(out, ports, i) for i in range(2)]
-        options = DistMemory.make_options(
+        workers = [self.start_worker(out, ports, i, task) for i in range(2)]
+        options = task_cls.make_options(
             train_steps=50, steps_per_loop=8, clip_global_norm=0.5, accumulate_steps=2
         )
-        one = DistMemory(
-            options, penalties=[L2(1e-3, include="kernel"), DecoupledWeightDecay(0.05)]
-        )
+        one = task_cls(options, penalties=[L2(1e-3, include="kernel"), DecoupledWeightDecay(0.05)])
         one.train()
-        self.assertTrue(one.train_loop.in_memory)
+        logs = []
         for i, worker in enumerate(workers):
             try:
                 rc = worker.wait(timeout=WORKER_TIMEOUT_S)
@@ -215,16 +210,37 @@ class TwoWorkersTest(tf.test.TestCase):
                 worker.wait()
                 rc = "timeout"
             with open(os.path.join(out, f"worker{i}.log")) as f:
-                log = f.read()
-            self.assertEqual(rc, 0, msg=f"worker {i} exited {rc}:\n{log[-3000:]}")
-            self.assertIn("with 2 replica(s)", log)
-            if i == 0:  # the chief's results: no iterator waited for (in memory)
-                with open(os.path.join(out, "run0", "results.json")) as f:
-                    self.assertIsNone(json.load(f).get("input_wait_share"))
+                logs.append(f.read())
+            self.assertEqual(rc, 0, msg=f"worker {i} exited {rc}:\n{logs[-1][-3000:]}")
+            self.assertIn("with 2 replica(s)", logs[-1])
             with np.load(os.path.join(out, f"worker{i}.npz")) as saved:
                 got = [saved[f"arr_{k}"] for k in range(len(saved.files))]
             for a, b in zip(got, one.model.get_weights(), strict=True):
                 self.assertLess(relative_diff(a, b), 1e-6)
+        with open(os.path.join(out, "run0", "results.json")) as f:
+            self.wait_share = json.load(f).get("input_wait_share")
+        return logs
+
+    def test_two_workers_in_memory_match_one_device(self):
+        """50 steps with an L2 penalty, a Keras L2 regularizer, decoupled decay, clipping and
+        2 micro-batches on 2 workers (each its replica's half of every global batch, gathered
+        in memory) ≡ the same task on one device in this process: ≤ 1e-6 relative per
+        tensor. The chief's results show no input wait: there is no iterator."""
+        from memory_plugin import DistMemory
+
+        self.train_on_two_workers(DistMemory, "dist_memory")
+        self.assertIsNone(self.wait_share)
+
+    def test_two_workers_with_input_per_worker_match_one_device(self):
+        """The same on the `tf.data` path built per worker: each worker builds its own
+        dataset from its input context (pipelines 0 and 1 of 2) and takes its replica's
+        slices of the one-device global batches (`per_replica_batches`): ≤ 1e-6 of one
+        device."""
+        from memory_plugin import DistPerWorker
+
+        logs = self.train_on_two_workers(DistPerWorker, "dist_per_worker")
+        for i, log in enumerate(logs):
+            self.assertIn(f"input pipeline {i} of 2", log)
 
 
 if __name__ == "__main__":
