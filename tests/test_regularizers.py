@@ -19,9 +19,16 @@ OPTIONS = {
 }  # fmt: skip
 
 
-def make(strategy=None, **overrides) -> ArrayTask:
+class InMemory(ArrayTask):
+    """ArrayTask with its data in memory: batches gathered in the loop, also per replica."""
+
+    def train_arrays(self):
+        return self.x, self.y
+
+
+def make(strategy=None, cls=ArrayTask, **overrides) -> ArrayTask:
     x, y = regression_data()
-    return ArrayTask(
+    return cls(
         x,
         y,
         ArrayTask.make_options(**{**OPTIONS, **overrides}),
@@ -85,6 +92,18 @@ class AllTogetherTest(tf.test.TestCase):
         mirrored = make(strategy=make_strategy("mirrored", cpu_replicas=2))
         mirrored.train()
         for got, want in zip(state(mirrored), self.want, strict=True):
+            self.assertAllClose(got, want, rtol=1e-6, atol=1e-7)
+
+    def test_two_replicas_in_memory_take_one_devices_steps(self):
+        """All of them with in-memory batches, each replica gathering its half of the global
+        batch in the loop (SAM's second pass and the accumulation's micro-batches included):
+        ≡ one device in memory."""
+        one = make(cls=InMemory)
+        one.train()
+        mirrored = make(strategy=make_strategy("mirrored", cpu_replicas=2), cls=InMemory)
+        mirrored.train()
+        self.assertTrue(mirrored.train_loop.in_memory)
+        for got, want in zip(state(mirrored), state(one), strict=True):
             self.assertAllClose(got, want, rtol=1e-6, atol=1e-7)
 
 
