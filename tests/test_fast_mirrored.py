@@ -11,7 +11,7 @@ from unittest import mock
 import keras
 import numpy as np
 import tensorflow as tf
-from array_task import ArrayTask, free_ports, regression_data
+from array_task import ArrayTask, free_ports, named_mlp, regression_data
 
 from trainer import L2, ConfigError, DecoupledWeightDecay, TrainerOptions
 from trainer.distribution import make_strategy
@@ -24,18 +24,6 @@ BATCH, STEPS = 16, 50
 # Penalties, decoupled decay, clipping and accumulation on; loops of 8 steps cross a call.
 OPTIONS = {"batch_size": BATCH, "train_steps": STEPS, "steps_per_loop": 8,
            "clip_global_norm": 0.5, "accumulate_steps": 2, "seed": 3}  # fmt: skip
-
-
-def mlp() -> keras.Model:
-    """4 -> Dense(8, tanh) -> Dense(2), with stable paths (`net/hidden/kernel`, ...)."""
-    return keras.Sequential(
-        [
-            keras.Input((4,)),
-            keras.layers.Dense(8, activation="tanh", name="hidden"),
-            keras.layers.Dense(2, name="out"),
-        ],
-        name="net",
-    )
 
 
 class MemoryTask(ArrayTask):
@@ -65,7 +53,7 @@ class FastMirroredTest(tf.test.TestCase):
         super().setUpClass()
         cls.x, cls.y = regression_data(n=80)  # 5 steps an epoch: 50 steps reshuffle 9 times
         keras.utils.set_random_seed(1)
-        cls.init = mlp().get_weights()
+        cls.init = named_mlp().get_weights()
         cls.mirrored = make_strategy("mirrored", cpu_replicas=2)
 
     def make(self, strategy=None, penalties=None, **options):
@@ -73,7 +61,7 @@ class FastMirroredTest(tf.test.TestCase):
             L2(1e-2, include="kernel"), DecoupledWeightDecay(0.05)
         ]  # fmt: skip
         task = MemoryTask(self.x, self.y, TrainerOptions(**{**OPTIONS, **options}),
-                          model_fn=mlp, optimizer=lambda: keras.optimizers.Adam(0.01),
+                          model_fn=named_mlp, optimizer=lambda: keras.optimizers.Adam(0.01),
                           penalties=penalties, strategy=strategy)  # fmt: skip
         task.model.set_weights(self.init)
         return task

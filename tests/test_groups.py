@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
-from array_task import ArrayTask, regression_data
+from array_task import ArrayTask, named_mlp, regression_data
 from cli_runner import CliTestCase, context, run_cli
 
 from trainer import (
@@ -36,18 +36,6 @@ OPTIMIZERS = {
 }
 
 
-def mlp() -> keras.Model:
-    """4 -> Dense(8, tanh) -> Dense(2), with stable paths (`net/hidden/kernel`, ...)."""
-    return keras.Sequential(
-        [
-            keras.Input((4,)),
-            keras.layers.Dense(8, activation="tanh", name="hidden"),
-            keras.layers.Dense(2, name="out"),
-        ],
-        name="net",
-    )
-
-
 def zero_loss(labels, outputs):
     """No gradient at all: only the decay moves the weights."""
     return 0.0 * tf.reduce_mean(tf.square(labels - outputs), axis=-1)
@@ -64,13 +52,13 @@ class GroupsTestBase(parameterized.TestCase, tf.test.TestCase):
         super().setUpClass()
         cls.x, cls.y = regression_data(n=32)
         keras.utils.set_random_seed(1)
-        cls.init = mlp().get_weights()
+        cls.init = named_mlp().get_weights()
 
     def task(self, optimizer, groups, penalties=(), steps=STEPS, y=None, **kwargs):
         options = {"batch_size": BATCH, "train_steps": steps, "steps_per_loop": steps}
         options.update(kwargs.pop("options", {}))
         y = self.y if y is None else y
-        task = ArrayTask(self.x, y, TrainerOptions(**options), model_fn=mlp,
+        task = ArrayTask(self.x, y, TrainerOptions(**options), model_fn=named_mlp,
                          optimizer=optimizer, penalties=penalties, param_groups=groups,
                          **kwargs)  # fmt: skip
         task.model.set_weights(self.init)
@@ -80,7 +68,7 @@ class GroupsTestBase(parameterized.TestCase, tf.test.TestCase):
         """A hand-written GradientTape loop: the `multiplied` variables (indices) by their
         own optimizer at m·lr, the others by one at lr. With `scale_gradients`, the wrong
         variant: one optimizer at lr, the multiplied variables' gradients times m."""
-        model = mlp()
+        model = named_mlp()
         model.set_weights(self.init)
         variables = model.trainable_variables
         ours = [v for i, v in enumerate(variables) if i in multiplied]
